@@ -1,0 +1,80 @@
+"""A checkpoint is a folder: config.json, model.safetensors, the tokenizer files and summary.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_model, save_model
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from model.config import FashionBertConfig
+from model.fashionbert import FashionBert
+
+CONFIG_FILE, WEIGHTS_FILE, SUMMARY_FILE = "config.json", "model.safetensors", "summary.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is missing, incomplete or does not fit its config."""
+
+
+def save_checkpoint(
+    model: FashionBert, tokenizer: PreTrainedTokenizerBase, out: str | Path, summary: dict[str, Any]
+) -> Path:
+    """Write the checkpoint into a temporary sibling folder, then rename it into place."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.config.to_json(tmp / CONFIG_FILE)
+        save_model(model, str(tmp / WEIGHTS_FILE))
+        tokenizer.save_pretrained(tmp)
+        (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_checkpoint(path: str | Path) -> tuple[FashionBert, PreTrainedTokenizerBase]:
+    """Rebuild the model and tokenizer from a checkpoint folder, with clear errors for bad folders."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint is missing {missing}")
+    try:
+        config = FashionBertConfig.from_json(path / CONFIG_FILE)
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{path / CONFIG_FILE}: not a FashionBertConfig ({error})") from error
+    if not config.bert:
+        raise CheckpointError(f"{path / CONFIG_FILE}: has no BERT config")
+    model = FashionBert(config)
+    try:
+        load_model(model, str(path / WEIGHTS_FILE), strict=True)
+    except Exception as error:  # safetensors raises several types for bad files
+        raise CheckpointError(f"{path / WEIGHTS_FILE}: weights do not fit the config ({error})") from error
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as error:
+        raise CheckpointError(f"{path}: tokenizer files are missing or unreadable ({error})") from error
+    model.eval()
+    return model, tokenizer
+
+
+def read_summary(path: str | Path) -> dict[str, Any]:
+    file = Path(path) / SUMMARY_FILE
+    return json.loads(file.read_text()) if file.is_file() else {}

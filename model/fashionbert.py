@@ -1,0 +1,168 @@
+"""FashionBERT (Gao et al., SIGIR 2020): one BERT reads `[CLS] text [SEP] image patches`.
+
+Reads top to bottom: patch embeddings -> the model (encoder = transformers' `BertModel`) with its
+narrow outward face (`encode_text`, `encode_image`, `match`) -> the pre-training wrapper that
+exposes the task heads' outputs. Losses live in `model/losses.py`, not here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertConfig, BertModel
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.models.bert.modeling_bert import BertOnlyMLMHead
+
+from model.config import FashionBertConfig, resolve_text_model
+
+TEXT_SEGMENT, IMAGE_SEGMENT = 0, 1
+
+
+class PatchEmbeddings(nn.Module):
+    """Patch feature -> hidden size, plus the patch's grid-position and the image segment embedding."""
+
+    def __init__(self, config: FashionBertConfig, bert_config: BertConfig):
+        super().__init__()
+        hidden = bert_config.hidden_size
+        self.projection = nn.Linear(config.patch_feature_dim, hidden)
+        self.grid_position = nn.Embedding(config.num_patches, hidden)
+        self.layer_norm = nn.LayerNorm(hidden, eps=bert_config.layer_norm_eps)
+        self.dropout = nn.Dropout(bert_config.hidden_dropout_prob)
+
+    def forward(self, patch_features: torch.Tensor, segment_embedding: torch.Tensor) -> torch.Tensor:
+        # patch_features: (B, N, D) -> (B, N, H)
+        n = patch_features.shape[1]
+        positions = torch.arange(n, device=patch_features.device)
+        x = self.projection(patch_features.to(self.projection.weight.dtype))
+        x = x + self.grid_position(positions) + segment_embedding
+        return self.dropout(self.layer_norm(x))
+
+
+class FashionBert(nn.Module):
+    """The matching model. Outward face: `encode_text`, `encode_image` (recall) and `match` (re-rank)."""
+
+    def __init__(self, config: FashionBertConfig, bert: BertModel | None = None):
+        super().__init__()
+        if bert is None:
+            bert = BertModel(BertConfig(**config.bert), add_pooling_layer=True)
+        self.config = config
+        self.bert = bert
+        bert_config = bert.config
+        hidden = bert_config.hidden_size
+        self.patch_embeddings = PatchEmbeddings(config, bert_config)
+        # Alignment head on [CLS], after BERT's own pooler (dense + tanh) as in next-sentence prediction.
+        self.alignment_head = nn.Linear(hidden, 1)
+        # One-modality towers share the encoder; each has its own projection into the recall space.
+        self.text_projection = nn.Linear(hidden, config.embed_dim)
+        self.image_projection = nn.Linear(hidden, config.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(2.6593))  # log(1 / 0.07), as CLIP
+
+    @classmethod
+    def from_pretrained_text_model(cls, config: FashionBertConfig) -> FashionBert:
+        """Start from a pretrained BERT (local folder or hub name); the new parts are randomly initialised."""
+        bert = BertModel.from_pretrained(resolve_text_model(config.text_model), add_pooling_layer=True)
+        config.bert = bert.config.to_diff_dict()
+        config.bert.pop("architectures", None)
+        return cls(config, bert)
+
+    # -- building blocks ---------------------------------------------------------------------------------
+
+    def _image_segment(self) -> torch.Tensor:
+        return self.bert.embeddings.token_type_embeddings.weight[IMAGE_SEGMENT]
+
+    def _encode(self, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = create_bidirectional_mask(
+            config=self.bert.config, inputs_embeds=embeddings, attention_mask=attention_mask
+        )
+        return self.bert.encoder(embeddings, attention_mask=mask).last_hidden_state
+
+    def joint_hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, patch_features: torch.Tensor
+    ) -> torch.Tensor:
+        """Encode `[CLS] text [SEP] patches`: (B, T) ids + (B, N, D) patches -> (B, T + N, H)."""
+        text = self.bert.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
+        image = self.patch_embeddings(patch_features, self._image_segment())
+        patch_mask = attention_mask.new_ones(image.shape[:2])
+        hidden = torch.cat([text, image], dim=1)  # (B, T + N, H)
+        return self._encode(hidden, torch.cat([attention_mask, patch_mask], dim=1))
+
+    def alignment_logits(self, joint_hidden: torch.Tensor) -> torch.Tensor:
+        """Text-image alignment logit from [CLS]: (B, T + N, H) -> (B,)."""
+        return self.alignment_head(self.bert.pooler(joint_hidden)).squeeze(-1)
+
+    # -- outward face ------------------------------------------------------------------------------------
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Text alone -> L2-normalised recall embedding (B, E)."""
+        hidden = self._encode(self.bert.embeddings(input_ids=input_ids), attention_mask)  # (B, T, H)
+        return F.normalize(self.text_projection(_mean_pool(hidden, attention_mask)).float(), dim=-1)
+
+    def encode_image(self, patch_features: torch.Tensor) -> torch.Tensor:
+        """Image patches alone -> L2-normalised recall embedding (B, E)."""
+        embeddings = self.patch_embeddings(patch_features, self._image_segment())  # (B, N, H)
+        mask = embeddings.new_ones(embeddings.shape[:2], dtype=torch.long)
+        hidden = self._encode(embeddings, mask)
+        return F.normalize(self.image_projection(_mean_pool(hidden, mask)).float(), dim=-1)
+
+    def match(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, patch_features: torch.Tensor
+    ) -> torch.Tensor:
+        """Cross-attention alignment score of each (text, image) pair: (B,) logits, higher is better."""
+        return self.alignment_logits(self.joint_hidden(input_ids, attention_mask, patch_features)).float()
+
+
+def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+@dataclass
+class PretrainingOutputs:
+    """What the task heads predicted; `model/losses.py` turns these into losses."""
+
+    mlm_logits: torch.Tensor  # (M, V) at the masked word pieces
+    mpm_predictions: torch.Tensor  # (P, D) at the masked patches
+    alignment_logits: torch.Tensor  # (B,) one per pair
+
+
+class FashionBertForPretraining(nn.Module):
+    """FashionBERT with the pre-training heads: masked language, masked patch and alignment."""
+
+    def __init__(self, model: FashionBert):
+        super().__init__()
+        self.model = model
+        bert_config = model.bert.config
+        self.mlm_head = BertOnlyMLMHead(bert_config)
+        # Tie the word-piece decoder to the input embeddings, as BERT pre-training does.
+        self.mlm_head.predictions.decoder.weight = model.bert.embeddings.word_embeddings.weight
+        hidden = bert_config.hidden_size
+        self.mpm_head = nn.Sequential(
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.LayerNorm(hidden, eps=bert_config.layer_norm_eps),
+            nn.Linear(hidden, model.config.patch_feature_dim),
+        )
+
+    def forward(
+        self,
+        masked_input_ids: torch.Tensor,  # (B, T) pair texts with [MASK]s
+        attention_mask: torch.Tensor,  # (B, T)
+        masked_patches: torch.Tensor,  # (B, N, D) pair images with masked patches zeroed
+        mlm_positions: torch.Tensor,  # (M, 2) row/token index of each masked word piece
+        mpm_positions: torch.Tensor,  # (P, 2) row/patch index of each masked patch
+    ) -> PretrainingOutputs:
+        # One joint pass serves all three tasks, as in the paper: true and false pairs are masked alike,
+        # so the alignment head cannot read "was masked" as "matches".
+        model = self.model
+        hidden = model.joint_hidden(masked_input_ids, attention_mask, masked_patches)  # (B, T + N, H)
+        text_len = masked_input_ids.shape[1]
+        mlm_hidden = hidden[mlm_positions[:, 0], mlm_positions[:, 1]]  # (M, H)
+        mpm_hidden = hidden[mpm_positions[:, 0], text_len + mpm_positions[:, 1]]  # (P, H)
+        return PretrainingOutputs(
+            mlm_logits=self.mlm_head(mlm_hidden),
+            mpm_predictions=self.mpm_head(mpm_hidden),
+            alignment_logits=model.alignment_logits(hidden),
+        )

@@ -1,0 +1,130 @@
+"""Numpy-in, numpy-out inference over a loaded FashionBERT: what `index/` and `app/` call.
+
+Owns the device, the bf16 autocast and tokenization, so callers never touch torch or the tokenizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from model.checkpoint import WEIGHTS_FILE, load_checkpoint
+from model.fashionbert import FashionBert
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` takes CUDA when present, else the CPU; asking for CUDA without one fails clearly."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPU (AMX) and GPU alike."""
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+class FashionBertInference:
+    """A FashionBERT ready to answer queries: tokenize, embed, match."""
+
+    def __init__(
+        self,
+        model: FashionBert,
+        tokenizer: PreTrainedTokenizerBase,
+        device: str | torch.device = "cpu",
+        fingerprint: str = "",
+    ):
+        self.device = pick_device(device) if isinstance(device, str) else device
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.fingerprint = fingerprint
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> FashionBertInference:
+        model, tokenizer = load_checkpoint(path)
+        return cls(model, tokenizer, device=device, fingerprint=model_fingerprint(path))
+
+    # -- text ----------------------------------------------------------------------------------------
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Word-piece ids with [CLS] ... [SEP], truncated to the model's text length."""
+        encoded = self.tokenizer(
+            list(texts), truncation=True, max_length=self.config.max_text_len, add_special_tokens=True
+        )
+        return [list(ids) for ids in encoded["input_ids"]]
+
+    def pad(self, token_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad id lists into (B, T) ids and attention mask on the model's device."""
+        length = max(len(ids) for ids in token_ids)
+        ids = torch.full((len(token_ids), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(token_ids), length), dtype=torch.long)
+        for row, sequence in enumerate(token_ids):
+            ids[row, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
+            mask[row, : len(sequence)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    # -- outward face ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """(n, E) float32 L2-normalised text embeddings."""
+        return self.encode_token_ids(self.tokenize(texts), batch_size)
+
+    @torch.inference_mode()
+    def encode_token_ids(self, token_ids: Sequence[Sequence[int]], batch_size: int = 256) -> np.ndarray:
+        out = []
+        for chunk in _chunks(token_ids, batch_size):
+            ids, mask = self.pad(chunk)
+            with autocast(self.device):
+                out.append(self.model.encode_text(ids, mask).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.config.embed_dim), np.float32)
+
+    @torch.inference_mode()
+    def encode_images(self, patch_features: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """(n, N, D) patch features -> (n, E) float32 L2-normalised image embeddings."""
+        out = []
+        for start in range(0, len(patch_features), batch_size):
+            patches = self._patches(patch_features[start : start + batch_size])
+            with autocast(self.device):
+                out.append(self.model.encode_image(patches).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.config.embed_dim), np.float32)
+
+    @torch.inference_mode()
+    def match(
+        self, token_ids: Sequence[Sequence[int]], patch_features: np.ndarray, batch_size: int = 128
+    ) -> np.ndarray:
+        """Cross-attention alignment logits of pairs (token_ids[i], patch_features[i]): (n,) float32."""
+        assert len(token_ids) == len(patch_features), "match scores pairs: one text per image"
+        out = []
+        for start in range(0, len(token_ids), batch_size):
+            ids, mask = self.pad(token_ids[start : start + batch_size])
+            patches = self._patches(patch_features[start : start + batch_size])
+            with autocast(self.device):
+                out.append(self.model.match(ids, mask, patches).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+    def _patches(self, patch_features: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(patch_features, dtype=np.float32)).to(self.device)
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """sha256 of the checkpoint's weights file: what an index bundle records to refuse a wrong model."""
+    digest = hashlib.sha256()
+    with open(Path(path) / WEIGHTS_FILE, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

@@ -1,0 +1,111 @@
+"""The model's shapes, masks, pretrained loading and checkpoint round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertModel
+
+from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from model.config import DEFAULT_TEXT_MODEL, FashionBertConfig, resolve_text_model
+from model.fashionbert import FashionBert, FashionBertForPretraining
+from model.inference import FashionBertInference
+
+TINY_BERT = dict(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_text_model(DEFAULT_TEXT_MODEL))
+
+
+@pytest.fixture()
+def tiny() -> FashionBert:
+    torch.manual_seed(0)
+    config = FashionBertConfig(bert=dict(TINY_BERT), patch_feature_dim=32, num_patches=16, embed_dim=16)
+    return FashionBert(config).eval()
+
+
+def test_outward_face_shapes(tiny: FashionBert) -> None:
+    ids = torch.randint(1000, 2000, (3, 10))
+    mask = torch.ones_like(ids)
+    patches = torch.randn(3, 16, 32)
+    assert tiny.match(ids, mask, patches).shape == (3,)
+    text, image = tiny.encode_text(ids, mask), tiny.encode_image(patches)
+    assert text.shape == image.shape == (3, 16)
+    assert torch.allclose(text.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(image.norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+def test_padding_does_not_change_scores(tiny: FashionBert) -> None:
+    ids = torch.randint(1000, 2000, (1, 7))
+    patches = torch.randn(1, 16, 32)
+    padded = torch.cat([ids, torch.zeros(1, 5, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(1, 7, dtype=torch.long), torch.zeros(1, 5, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        short = tiny.match(ids, torch.ones_like(ids), patches)
+        long = tiny.match(padded, mask, patches)
+        assert torch.allclose(short, long, atol=1e-5)
+        assert torch.allclose(tiny.encode_text(ids, torch.ones_like(ids)), tiny.encode_text(padded, mask), atol=1e-5)
+
+
+def test_joint_sequence_is_text_then_patches(tiny: FashionBert) -> None:
+    ids = torch.randint(1000, 2000, (2, 6))
+    hidden = tiny.joint_hidden(ids, torch.ones_like(ids), torch.randn(2, 16, 32))
+    assert hidden.shape == (2, 6 + 16, 64)
+
+
+def test_pretraining_heads_shapes(tiny: FashionBert) -> None:
+    wrapper = FashionBertForPretraining(tiny)
+    assert wrapper.mlm_head.predictions.decoder.weight is tiny.bert.embeddings.word_embeddings.weight
+    ids = torch.randint(1000, 2000, (2, 6))
+    outputs = wrapper(
+        ids, torch.ones_like(ids), torch.randn(2, 16, 32), torch.tensor([[0, 1], [1, 2]]), torch.tensor([[1, 3]])
+    )
+    assert outputs.mlm_logits.shape == (2, 30522)
+    assert outputs.mpm_predictions.shape == (1, 32)
+    assert outputs.alignment_logits.shape == (2,)
+
+
+def test_real_minilm_weights_load_with_no_missing_keys() -> None:
+    _, info = BertModel.from_pretrained(resolve_text_model(DEFAULT_TEXT_MODEL), output_loading_info=True)
+    assert info["missing_keys"] == set() or not info["missing_keys"]
+    config = FashionBertConfig()
+    model = FashionBert.from_pretrained_text_model(config)
+    assert config.bert["hidden_size"] == 384 and config.bert["num_hidden_layers"] == 6
+    reference = BertModel.from_pretrained(resolve_text_model(DEFAULT_TEXT_MODEL))
+    assert torch.equal(model.bert.encoder.layer[3].output.dense.weight, reference.encoder.layer[3].output.dense.weight)
+
+
+def test_checkpoint_round_trip(tiny: FashionBert, tokenizer, tmp_path) -> None:
+    save_checkpoint(tiny, tokenizer, tmp_path / "ckpt", {"steps": 3})
+    loaded, loaded_tokenizer = load_checkpoint(tmp_path / "ckpt")
+    ids = torch.tensor(tokenizer(["black satin midi skirt"])["input_ids"])
+    patches = torch.randn(1, 16, 32)
+    with torch.no_grad():
+        assert torch.allclose(tiny.match(ids, torch.ones_like(ids), patches), loaded.match(ids, torch.ones_like(ids), patches))
+    assert loaded_tokenizer("skirt")["input_ids"] == tokenizer("skirt")["input_ids"]
+    assert json.loads((tmp_path / "ckpt" / "summary.json").read_text()) == {"steps": 3}
+    inference = FashionBertInference.from_checkpoint(tmp_path / "ckpt", device="cpu")
+    assert len(inference.fingerprint) == 64
+    assert inference.match(inference.tokenize(["a", "b c"]), patches.repeat(2, 1, 1).numpy()).shape == (2,)
+
+
+def test_bad_checkpoints_fail_clearly(tiny: FashionBert, tokenizer, tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "nothing")
+    save_checkpoint(tiny, tokenizer, tmp_path / "ckpt", {})
+    (tmp_path / "ckpt" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"missing \['model.safetensors'\]"):
+        load_checkpoint(tmp_path / "ckpt")
+    save_checkpoint(tiny, tokenizer, tmp_path / "other", {})
+    config = json.loads((tmp_path / "other" / "config.json").read_text())
+    config["num_patches"] = 99
+    (tmp_path / "other" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_checkpoint(tmp_path / "other")
+    (tmp_path / "other" / "config.json").write_text("{\"nonsense\": 1}")
+    with pytest.raises(CheckpointError, match="not a FashionBertConfig"):
+        load_checkpoint(tmp_path / "other")
