@@ -53,8 +53,10 @@ class FashionBert(nn.Module):
         bert_config = bert.config
         hidden = bert_config.hidden_size
         self.patch_embeddings = PatchEmbeddings(config, bert_config)
-        # Alignment head on [CLS], after BERT's own pooler (dense + tanh) as in next-sentence prediction.
-        self.alignment_head = nn.Linear(hidden, 1)
+        # Alignment head on [CLS] (after BERT's own pooler, as in next-sentence prediction) and on the product
+        # of the pooled text and patch states of the same joint pass: the product hands the classifier the
+        # multiplicative text-image interaction that [CLS] alone only reaches after long training.
+        self.alignment_head = nn.Linear(2 * hidden, 1)
         # One-modality towers share the encoder; each has its own projection into the recall space.
         self.text_projection = nn.Linear(hidden, config.embed_dim)
         self.image_projection = nn.Linear(hidden, config.embed_dim)
@@ -89,9 +91,13 @@ class FashionBert(nn.Module):
         hidden = torch.cat([text, image], dim=1)  # (B, T + N, H)
         return self._encode(hidden, torch.cat([attention_mask, patch_mask], dim=1))
 
-    def alignment_logits(self, joint_hidden: torch.Tensor) -> torch.Tensor:
-        """Text-image alignment logit from [CLS]: (B, T + N, H) -> (B,)."""
-        return self.alignment_head(self.bert.pooler(joint_hidden)).squeeze(-1)
+    def alignment_logits(self, joint_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Text-image alignment logit of a joint pass: (B, T + N, H) with the (B, T) text mask -> (B,)."""
+        text_len = attention_mask.shape[1]
+        text = _mean_pool(joint_hidden[:, :text_len], attention_mask)  # (B, H)
+        patches = joint_hidden[:, text_len:].mean(1)  # (B, H)
+        features = torch.cat([self.bert.pooler(joint_hidden), text * patches], dim=-1)  # (B, 2H)
+        return self.alignment_head(features).squeeze(-1)
 
     # -- outward face ------------------------------------------------------------------------------------
 
@@ -111,7 +117,8 @@ class FashionBert(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, patch_features: torch.Tensor
     ) -> torch.Tensor:
         """Cross-attention alignment score of each (text, image) pair: (B,) logits, higher is better."""
-        return self.alignment_logits(self.joint_hidden(input_ids, attention_mask, patch_features)).float()
+        hidden = self.joint_hidden(input_ids, attention_mask, patch_features)
+        return self.alignment_logits(hidden, attention_mask).float()
 
 
 def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -164,5 +171,5 @@ class FashionBertForPretraining(nn.Module):
         return PretrainingOutputs(
             mlm_logits=self.mlm_head(mlm_hidden),
             mpm_predictions=self.mpm_head(mpm_hidden),
-            alignment_logits=model.alignment_logits(hidden),
+            alignment_logits=model.alignment_logits(hidden, attention_mask),
         )

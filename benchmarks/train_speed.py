@@ -1,0 +1,92 @@
+"""Training throughput (pairs/s) of one FashionBERT step, bf16 autocast vs fp32, on this machine.
+
+    python benchmarks/train_speed.py --batch-size 32 --steps 3 --repeats 3
+
+Synthetic patch features and H&M-length texts, so only the model's arithmetic is measured. Prints the
+median seconds per step and pairs/s of each precision and their ratio, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from model.catalogue import Catalogue, Item
+from model.config import FashionBertConfig
+from model.data import grouped_batches, prepare_data
+from model.training import TrainConfig, Trainer, build_model
+
+TEXT = "Fitted midi skirt. Black Skirt. Fitted midi skirt in satin with a concealed zip and a slit at the back. Lined."
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--steps", type=int, default=3, help="timed steps per repeat (after one warm-up step)"
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tiny", action="store_true", help="a tiny random BERT instead of MiniLM")
+    args = parser.parse_args()
+
+    n = args.batch_size * 4
+    items = [
+        Item(
+            id=str(i),
+            text=f"{TEXT} Style {i}.",
+            title="",
+            image="",
+            category=f"c{i % 3}",
+            subcategory=f"s{i % 8}",
+            group=str(i),
+        )
+        for i in range(n)
+    ]
+    rng = np.random.default_rng(0)
+    results = {}
+    for precision in ("bf16", "fp32"):
+        torch.manual_seed(0)
+        config = FashionBertConfig()
+        if args.tiny:
+            config.bert = dict(
+                vocab_size=30522,
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=128,
+            )
+        model, tokenizer = build_model(config, pretrained=not args.tiny)
+        features = rng.standard_normal((n, config.num_patches, config.patch_feature_dim)).astype(np.float16)
+        data = prepare_data(Catalogue("bench", "bench", items), features, tokenizer, config.max_text_len)
+        trainer = Trainer(
+            model,
+            tokenizer,
+            data,
+            None,
+            TrainConfig(batch_size=args.batch_size, device="cpu", bf16=precision == "bf16"),
+            "/tmp/train-speed",
+        )
+        import random
+
+        batches = list(grouped_batches(data, args.batch_size, 4, random.Random(0)))
+        trainer.train_step(batches[0])  # warm-up
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            for step in range(args.steps):
+                trainer.train_step(batches[(step + 1) % len(batches)])
+            times.append((time.perf_counter() - start) / args.steps)
+        results[precision] = statistics.median(times)
+    print(f"| precision | s/step (median of {args.repeats}) | pairs/s |")
+    print("| --- | --- | --- |")
+    for precision, seconds in results.items():
+        print(f"| {precision} | {seconds:.2f} | {args.batch_size / seconds:.1f} |")
+    print(f"bf16 speed-up over fp32: {results['fp32'] / results['bf16']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

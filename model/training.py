@@ -1,0 +1,457 @@
+"""Pre-training FashionBERT: MLM + MPM + alignment + recall contrastive, weighted by the adaptive loss.
+
+One step on a batch of B catalogue items:
+1. the recall towers embed every text and image alone (symmetric in-batch InfoNCE);
+2. each item gets one false pair, its image or its text swapped for a hard negative from the batch:
+   same sub-category, falling back to category, then anything, drawn by the towers' similarity (the
+   batch is built from small same-sub-category groups so such negatives exist);
+3. the joint encoder reads the B true and B false pairs, masked (MLM, MPM, alignment in one pass);
+4. the adaptive loss solves the task weights and the step descends the weighted sum.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from model.adaptive_loss import AdaptiveLoss
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.config import FashionBertConfig, resolve_text_model
+from model.data import TrainingData, grouped_batches
+from model.fashionbert import FashionBert, FashionBertForPretraining
+from model.inference import FashionBertInference, pick_device
+from model.losses import alignment_loss, contrastive_loss, masked_language_loss, masked_patch_loss
+from model.masking import mask_patches, mask_tokens
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("mlm", "mpm", "alignment", "contrastive")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32
+    group_size: int = 4  # items per same-sub-category group in a batch (hard negatives)
+    # Mine negatives by tower similarity at this softmax temperature; None = uniform (the paper).
+    negative_temperature: float | None = None
+    max_steps: int | None = None
+    epochs: float | None = None
+    budget_minutes: float | None = None
+    learning_rate: float = 5e-5  # pretrained encoder
+    head_learning_rate: float = 5e-4  # new parts: patch embeddings, heads, projections
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    adaptive: bool = True  # False: equal fixed task weights (the ablation)
+    tasks: tuple[str, ...] = TASKS  # a subset trains only those tasks (ablations, fast tests)
+    adaptive_scope: str = (
+        "last_layer"  # shared parameters the task gradients are taken on: last_layer | encoder
+    )
+    seed: int = 0
+    validate_every: int = 200
+    validation_queries: int = 100
+    validation_negatives: int = 10
+    log_every: int = 10
+    device: str = "auto"
+    bf16: bool = True
+
+    def total_steps(self, num_items: int) -> int:
+        """Steps for the schedule: the explicit count, else the epochs, else a budget-sized guess."""
+        if self.max_steps is not None:
+            return self.max_steps
+        if self.epochs is not None:
+            return max(1, math.ceil(self.epochs * num_items / self.batch_size))
+        return 1_000_000  # budget only: the schedule decays slowly and the clock stops training
+
+
+def pick_hard_negatives(
+    similarity: torch.Tensor | None,
+    subcategories: list[str],
+    categories: list[str],
+    texts: list[str],
+    generator: torch.Generator,
+    temperature: float = 0.1,
+) -> torch.Tensor:
+    """For each row i, a column j != i drawn with probability softmax(similarity) among the batch items
+    of the same sub-category (else category, else any) whose text differs from i's; uniform when
+    `similarity` is None."""
+    n = len(subcategories)
+    sub = np.array(subcategories)
+    cat = np.array(categories)
+    txt = np.array(texts)
+    differs = torch.from_numpy(txt[:, None] != txt[None, :])
+    tiers = [torch.from_numpy(sub[:, None] == sub[None, :]), torch.from_numpy(cat[:, None] == cat[None, :])]
+    choice = torch.empty(n, dtype=torch.long)
+    weights = (
+        torch.ones(n, n)
+        if similarity is None
+        else torch.softmax(similarity.detach().float().cpu() / temperature, dim=1)
+    )
+    for i in range(n):
+        allowed = differs[i].clone()
+        allowed[i] = False
+        if not allowed.any():  # every other item has the same text: any other item will do
+            allowed = torch.ones(n, dtype=torch.bool)
+            allowed[i] = False
+        for tier in tiers:
+            if (tier[i] & allowed).any():
+                allowed = tier[i] & allowed
+                break
+        w = weights[i] * allowed
+        w = w / w.sum() if w.sum() > 0 else allowed.float() / allowed.sum()
+        choice[i] = torch.multinomial(w, 1, generator=generator)[0]
+    return choice
+
+
+class Trainer:
+    """Owns the model, optimiser, schedule and the output folder of one training run."""
+
+    def __init__(
+        self,
+        model: FashionBert,
+        tokenizer: PreTrainedTokenizerBase,
+        train: TrainingData,
+        validation: TrainingData | None,
+        config: TrainConfig,
+        out: str | Path,
+        data_fingerprint: str = "",
+    ):
+        self.config = config
+        self.out = Path(out)
+        self.device = pick_device(config.device)
+        self.model = model.to(self.device)
+        self.tokenizer = tokenizer
+        self.pretraining = FashionBertForPretraining(model).to(self.device)
+        self.train_data, self.validation_data = train, validation
+        self.data_fingerprint = data_fingerprint
+        self.step, self.best_score, self.elapsed = 0, -math.inf, 0.0
+        self.rng = random.Random(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+        encoder_params = list(model.bert.parameters())
+        encoder_ids = {id(p) for p in encoder_params}
+        new_params = [p for p in self.pretraining.parameters() if id(p) not in encoder_ids]
+        decay = lambda ps: [p for p in ps if p.ndim >= 2]  # noqa: E731 - no decay on biases and norms
+        no_decay = lambda ps: [p for p in ps if p.ndim < 2]  # noqa: E731
+        self.optimizer = torch.optim.AdamW(
+            [
+                {
+                    "params": decay(encoder_params),
+                    "lr": config.learning_rate,
+                    "weight_decay": config.weight_decay,
+                },
+                {"params": no_decay(encoder_params), "lr": config.learning_rate, "weight_decay": 0.0},
+                {
+                    "params": decay(new_params),
+                    "lr": config.head_learning_rate,
+                    "weight_decay": config.weight_decay,
+                },
+                {"params": no_decay(new_params), "lr": config.head_learning_rate, "weight_decay": 0.0},
+            ]
+        )
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.total_steps = config.total_steps(len(train))
+        shared = (
+            list(model.bert.encoder.layer[-1].parameters())
+            if config.adaptive_scope == "last_layer"
+            else list(model.bert.encoder.parameters())
+        )
+        self.loss = AdaptiveLoss(shared, adaptive=config.adaptive)
+
+    # -- one step ------------------------------------------------------------------------------------
+
+    def _batch(
+        self, indices: list[int], data: TrainingData
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        token_ids = [data.token_ids[i] for i in indices]
+        length = max(len(ids) for ids in token_ids)
+        ids = torch.full((len(indices), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, sequence in enumerate(token_ids):
+            ids[row, : len(sequence)] = torch.tensor(sequence)
+            mask[row, : len(sequence)] = 1
+        patches = torch.from_numpy(data.patch_features[indices].astype(np.float32))
+        return ids, mask, patches
+
+    def task_losses(self, indices: list[int], data: TrainingData) -> dict[str, torch.Tensor]:
+        """The four task losses of one batch (graph kept for the adaptive weighting)."""
+        model, device = self.model, self.device
+        ids, mask, patches = self._batch(indices, data)
+        b = len(indices)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+            text_embeddings = model.encode_text(ids.to(device), mask.to(device))  # (B, E)
+            image_embeddings = model.encode_image(patches.to(device))  # (B, E)
+        similarity = text_embeddings.detach() @ image_embeddings.detach().T  # (B, B)
+        meta = [data.subcategories[i] for i in indices], [data.categories[i] for i in indices]
+        texts = [data.texts[i] for i in indices]
+        temperature = self.config.negative_temperature
+        mined = similarity if temperature else None
+        negative_image = pick_hard_negatives(mined, *meta, texts, self.generator, temperature or 1.0)
+        negative_text = pick_hard_negatives(
+            None if mined is None else mined.T, *meta, texts, self.generator, temperature or 1.0
+        )
+        # Pairs: every true (text_i, image_i), and one false pair per item, alternating which side is
+        # swapped so both ranking directions are trained: (text_i, image_neg) or (text_neg, image_i).
+        rows = torch.arange(b)
+        swap_image = rows % 2 == 0
+        text_rows = torch.cat([rows, torch.where(swap_image, rows, negative_text)])
+        image_rows = torch.cat([rows, torch.where(swap_image, negative_image, rows)])
+        labels = torch.cat([torch.ones(b), torch.zeros(b)])
+        pair_ids, pair_mask, pair_patches = ids[text_rows], mask[text_rows], patches[image_rows]
+        special = torch.tensor(
+            [
+                self.tokenizer.get_special_tokens_mask(r, already_has_special_tokens=True)
+                for r in pair_ids.tolist()
+            ],
+            dtype=torch.bool,
+        )
+        masked_ids, mlm_positions, mlm_targets = mask_tokens(
+            pair_ids,
+            pair_mask.bool() & ~special,
+            self.tokenizer.mask_token_id,
+            len(self.tokenizer),
+            model.config.mlm_probability,
+            self.generator,
+        )
+        masked_patches, mpm_positions, mpm_targets = mask_patches(
+            pair_patches, model.config.mpm_probability, self.generator
+        )
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+            outputs = self.pretraining(
+                masked_ids.to(device),
+                pair_mask.to(device),
+                masked_patches.to(device),
+                mlm_positions.to(device),
+                mpm_positions.to(device),
+            )
+        losses = {
+            "mlm": masked_language_loss(outputs.mlm_logits, mlm_targets.to(device)),
+            "mpm": masked_patch_loss(outputs.mpm_predictions, mpm_targets.to(device)),
+            "alignment": alignment_loss(outputs.alignment_logits, labels.to(device)),
+            "contrastive": contrastive_loss(
+                text_embeddings, image_embeddings, model.logit_scale.exp().clamp(max=100)
+            ),
+        }
+        return {name: losses[name] for name in self.config.tasks}
+
+    def _set_learning_rate(self) -> float:
+        warmup = min(1.0, (self.step + 1) / max(1, self.config.warmup_steps))
+        progress = min(1.0, self.step / max(1, self.total_steps))
+        factor = warmup * 0.5 * (1 + math.cos(math.pi * progress))  # linear warm-up, cosine decay
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+        return factor
+
+    def train_step(self, indices: list[int]) -> dict[str, Any]:
+        self.model.train()
+        self.pretraining.train()
+        self._set_learning_rate()
+        losses = self.task_losses(indices, self.train_data)
+        weighted = self.loss(losses)
+        self.optimizer.zero_grad(set_to_none=True)
+        weighted.total.backward()
+        torch.nn.utils.clip_grad_norm_(self.pretraining.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        return {
+            "step": self.step,
+            "loss": float(weighted.total.detach()),
+            **{f"loss/{name}": float(value.detach()) for name, value in losses.items()},
+            **{f"weight/{name}": value for name, value in weighted.weights.items()},
+        }
+
+    # -- the run -------------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        config = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        log_path = self.out / "metrics.jsonl"
+        deadline = None if config.budget_minutes is None else config.budget_minutes * 60 - self.elapsed
+        started = time.monotonic()
+        pairs_seen, last_record, first_step = 0, {}, self.step
+        self._schedule_probe = self.step + 20
+        progress = tqdm(total=self.total_steps if self.total_steps < 1_000_000 else None, initial=self.step)
+        stop = False
+        with open(log_path, "a") as log:
+            while not stop:
+                for indices in grouped_batches(
+                    self.train_data, config.batch_size, config.group_size, self.rng
+                ):
+                    record = self.train_step(indices)
+                    pairs_seen += len(indices)
+                    wall = time.monotonic() - started
+                    record["pairs_per_s"] = pairs_seen / max(wall, 1e-9)
+                    record["elapsed_s"] = self.elapsed + wall
+                    last_record = record
+                    progress.update(1)
+                    if deadline is not None and self.step == self._schedule_probe:
+                        # Budget-only runs: size the cosine schedule from the measured step time.
+                        per_step = wall / max(1, self.step - first_step)
+                        self.total_steps = min(
+                            self.total_steps, self.step + int((deadline - wall) / per_step)
+                        )
+                    if self.step % config.log_every == 0 or self.step == 1:
+                        progress.set_postfix(
+                            {
+                                k.split("/")[-1] + ("" if k.startswith("loss") else "_w"): f"{v:.3g}"
+                                for k, v in record.items()
+                                if k.startswith(("loss/", "weight/"))
+                            }
+                            | {"pairs/s": f"{record['pairs_per_s']:.1f}"}
+                        )
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
+                    if self.step % config.validate_every == 0:
+                        self._validate_and_keep_best(log, record)
+                    out_of_time = deadline is not None and wall >= deadline
+                    if self.step >= self.total_steps or out_of_time:
+                        stop = True
+                        break
+        progress.close()
+        self.elapsed += time.monotonic() - started
+        final = self._validate_and_keep_best(None, last_record)
+        self.save_state()
+        plot_training(log_path, self.out / "training.png")
+        return final
+
+    def _validate_and_keep_best(self, log, record: dict[str, Any]) -> dict[str, Any]:
+        metrics = self.validate()
+        metrics["step"] = self.step
+        score = metrics.get("validation/score", -self.step)
+        if log is not None:
+            log.write(json.dumps({"step": self.step, **metrics}) + "\n")
+            log.flush()
+        logger.info("step %d validation %s", self.step, {k: round(v, 2) for k, v in metrics.items()})
+        if score > self.best_score or not (self.out / "best").exists():
+            self.best_score = score
+            summary = {
+                "data_fingerprint": self.data_fingerprint,
+                "steps": self.step,
+                "wall_time_s": record.get("elapsed_s", self.elapsed),
+                "train_items": len(self.train_data),
+                "train_config": asdict(self.config),
+                "final_metrics": metrics,
+                "pairs_per_s": record.get("pairs_per_s"),
+            }
+            save_checkpoint(self.model, self.tokenizer, self.out / "best", summary)
+        self.save_state()
+        return metrics
+
+    def validate(self) -> dict[str, float]:
+        """Quick sampled Rank@1 on the validation split (fewer queries and negatives than the full eval)."""
+        if self.validation_data is None or len(self.validation_data) < 2:
+            return {}
+        from model.evaluation import EvalConfig, evaluate_sampled
+
+        inference = FashionBertInference(self.model, self.tokenizer, device=self.device)
+        data = self.validation_data
+        report = evaluate_sampled(
+            inference,
+            data.catalogue,
+            data.patch_features,
+            EvalConfig(
+                num_queries=self.config.validation_queries,
+                num_negatives=self.config.validation_negatives,
+                seed=0,
+            ),
+        )
+        report = {f"validation/{k}": v for k, v in report.items()}
+        report["validation/score"] = (
+            report.get("validation/sampled/i2t/R@1", 0.0) + report.get("validation/sampled/t2i/R@1", 0.0)
+        ) / 2
+        return report
+
+    # -- resume --------------------------------------------------------------------------------------
+
+    def save_state(self) -> None:
+        """Model, optimiser and counters of the latest step, for `--resume` (safetensors + JSON, no pickle)."""
+        last = self.out / "last"
+        save_checkpoint(self.model, self.tokenizer, last, {"steps": self.step})
+        tensors, scalars = {}, {}
+        for index, state in self.optimizer.state_dict()["state"].items():
+            for name, value in state.items():
+                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+        scalars = {
+            "step": self.step,
+            "best_score": self.best_score if math.isfinite(self.best_score) else None,
+            "elapsed": self.elapsed,
+            "rng": list(self.rng.getstate()[1]),
+            "rng_version": self.rng.getstate()[0],
+        }
+        tmp = last / "optimizer.safetensors.tmp"
+        save_file(tensors, str(tmp))
+        tmp.replace(last / "optimizer.safetensors")
+        (last / "trainer_state.json").write_text(json.dumps(scalars))
+
+    def load_state(self) -> bool:
+        last = self.out / "last"
+        if not (last / "trainer_state.json").is_file():
+            return False
+        model, _ = load_checkpoint(last)
+        self.model.load_state_dict(model.state_dict())
+        scalars = json.loads((last / "trainer_state.json").read_text())
+        tensors = load_file(str(last / "optimizer.safetensors"))
+        state_dict = self.optimizer.state_dict()
+        state: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
+        for key, value in tensors.items():
+            index, name = key.split(".", 1)
+            state[int(index)][name] = value.to(self.device) if name != "step" else value
+        state_dict["state"] = dict(state)
+        self.optimizer.load_state_dict(state_dict)
+        self.step = scalars["step"]
+        self.best_score = scalars["best_score"] if scalars["best_score"] is not None else -math.inf
+        self.elapsed = scalars["elapsed"]
+        self.rng.setstate((scalars["rng_version"], tuple(scalars["rng"]), None))
+        self.generator.manual_seed(self.config.seed + self.step)
+        logger.info("resumed from %s at step %d", last, self.step)
+        return True
+
+
+def plot_training(log_path: Path, out: Path) -> None:
+    """PNG of the task losses and the adaptive weights over training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    records = [r for r in records if "loss" in r]
+    if not records:
+        return
+    steps = [r["step"] for r in records]
+    fig, (losses, weights) = plt.subplots(1, 2, figsize=(11, 4))
+    for task in TASKS:
+        losses.plot(steps, [r.get(f"loss/{task}", np.nan) for r in records], label=task)
+        weights.plot(steps, [r.get(f"weight/{task}", np.nan) for r in records], label=task)
+    losses.set(title="task losses", xlabel="step", yscale="log")
+    weights.set(title="adaptive task weights", xlabel="step", ylim=(0, 1))
+    losses.legend()
+    weights.legend()
+    fig.tight_layout()
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out)
+
+
+def build_model(
+    config: FashionBertConfig, pretrained: bool = True
+) -> tuple[FashionBert, PreTrainedTokenizerBase]:
+    """A fresh FashionBERT: pretrained BERT from `config.text_model`, or random when `config.bert` is set and
+    `pretrained` is False (tiny test models)."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_text_model(config.text_model))
+    model = FashionBert.from_pretrained_text_model(config) if pretrained else FashionBert(config)
+    return model, tokenizer
