@@ -13,7 +13,9 @@ from model.config import DEFAULT_TEXT_MODEL, FashionBertConfig, resolve_text_mod
 from model.fashionbert import FashionBert, FashionBertForPretraining
 from model.inference import FashionBertInference
 
-TINY_BERT = dict(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+TINY_BERT = dict(
+    vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,9 @@ def test_padding_does_not_change_scores(tiny: FashionBert) -> None:
         short = tiny.match(ids, torch.ones_like(ids), patches)
         long = tiny.match(padded, mask, patches)
         assert torch.allclose(short, long, atol=1e-5)
-        assert torch.allclose(tiny.encode_text(ids, torch.ones_like(ids)), tiny.encode_text(padded, mask), atol=1e-5)
+        assert torch.allclose(
+            tiny.encode_text(ids, torch.ones_like(ids)), tiny.encode_text(padded, mask), atol=1e-5
+        )
 
 
 def test_joint_sequence_is_text_then_patches(tiny: FashionBert) -> None:
@@ -62,7 +66,11 @@ def test_pretraining_heads_shapes(tiny: FashionBert) -> None:
     assert wrapper.mlm_head.predictions.decoder.weight is tiny.bert.embeddings.word_embeddings.weight
     ids = torch.randint(1000, 2000, (2, 6))
     outputs = wrapper(
-        ids, torch.ones_like(ids), torch.randn(2, 16, 32), torch.tensor([[0, 1], [1, 2]]), torch.tensor([[1, 3]])
+        ids,
+        torch.ones_like(ids),
+        torch.randn(2, 16, 32),
+        torch.tensor([[0, 1], [1, 2]]),
+        torch.tensor([[1, 3]]),
     )
     assert outputs.mlm_logits.shape == (2, 30522)
     assert outputs.mpm_predictions.shape == (1, 32)
@@ -76,7 +84,9 @@ def test_real_minilm_weights_load_with_no_missing_keys() -> None:
     model = FashionBert.from_pretrained_text_model(config)
     assert config.bert["hidden_size"] == 384 and config.bert["num_hidden_layers"] == 6
     reference = BertModel.from_pretrained(resolve_text_model(DEFAULT_TEXT_MODEL))
-    assert torch.equal(model.bert.encoder.layer[3].output.dense.weight, reference.encoder.layer[3].output.dense.weight)
+    assert torch.equal(
+        model.bert.encoder.layer[3].output.dense.weight, reference.encoder.layer[3].output.dense.weight
+    )
 
 
 def test_checkpoint_round_trip(tiny: FashionBert, tokenizer, tmp_path) -> None:
@@ -85,7 +95,9 @@ def test_checkpoint_round_trip(tiny: FashionBert, tokenizer, tmp_path) -> None:
     ids = torch.tensor(tokenizer(["black satin midi skirt"])["input_ids"])
     patches = torch.randn(1, 16, 32)
     with torch.no_grad():
-        assert torch.allclose(tiny.match(ids, torch.ones_like(ids), patches), loaded.match(ids, torch.ones_like(ids), patches))
+        assert torch.allclose(
+            tiny.match(ids, torch.ones_like(ids), patches), loaded.match(ids, torch.ones_like(ids), patches)
+        )
     assert loaded_tokenizer("skirt")["input_ids"] == tokenizer("skirt")["input_ids"]
     assert json.loads((tmp_path / "ckpt" / "summary.json").read_text()) == {"steps": 3}
     inference = FashionBertInference.from_checkpoint(tmp_path / "ckpt", device="cpu")
@@ -106,6 +118,6 @@ def test_bad_checkpoints_fail_clearly(tiny: FashionBert, tokenizer, tmp_path) ->
     (tmp_path / "other" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="do not fit"):
         load_checkpoint(tmp_path / "other")
-    (tmp_path / "other" / "config.json").write_text("{\"nonsense\": 1}")
+    (tmp_path / "other" / "config.json").write_text('{"nonsense": 1}')
     with pytest.raises(CheckpointError, match="not a FashionBertConfig"):
         load_checkpoint(tmp_path / "other")
