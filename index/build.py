@@ -1,0 +1,519 @@
+"""The offline index jobs: build a bundle from catalogues, add items to one, mark items removed.
+
+Every job writes a complete new bundle into a staging folder and publishes it in one step
+(`index/staging.py`); unchanged files are hard-linked, so removing items copies only the metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+import faiss
+import numpy as np
+from tqdm.auto import tqdm
+
+from index import metadata
+from index.bundle import (
+    FORMAT,
+    FORMAT_VERSION,
+    IMAGE_INDEX,
+    ITEMS_DB,
+    MANIFEST,
+    PATCH_CODEC,
+    PATCH_CODES,
+    TEXT_INDEX,
+    TOKEN_IDS,
+    TOKEN_LENGTHS,
+    BundleError,
+    check_model,
+    file_entries,
+    read_manifest,
+    verify_files,
+)
+from index.codec import encode_patches, train_codec
+from index.config import IndexConfig
+from index.factory import add_vectors, choose_factory, gpu_available, new_index, train_index
+from index.search import inverted_lists
+from index.staging import link_or_copy, locked, publish, staging_folder
+from model.catalogue import Catalogue
+
+logger = logging.getLogger(__name__)
+
+# catalogue -> (the items whose image could be read, their float16 (n, N, D) patch features):
+# `FeatureCache(root, extractor).features_for` with its progress bar off.
+PatchFeatureSource = Callable[[Catalogue], tuple[Catalogue, np.ndarray]]
+
+
+class Encoder(Protocol):
+    """What the jobs need of `model.inference.FashionBertInference` (tests pass stand-ins)."""
+
+    config: Any  # FashionBertConfig: embed_dim, num_patches, patch_feature_dim, max_text_len, patch_features, bert
+    fingerprint: str
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]: ...
+
+    def encode_token_ids(self, token_ids: Sequence[Sequence[int]], batch_size: int = ...) -> np.ndarray: ...
+
+    def encode_images(self, patch_features: np.ndarray, batch_size: int = ...) -> np.ndarray: ...
+
+
+@dataclass
+class JobReport:
+    """What a job did: rows in the bundle now, items added, skipped and why, time per stage."""
+
+    path: Path
+    rows: int = 0
+    added: int = 0
+    skipped_unreadable: int = 0
+    skipped_duplicate: int = 0
+    removed: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def items_per_second(self) -> float:
+        return self.added / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class _Encoded:
+    """Everything the encode pass produced for the new rows, apart from the codes streamed to disk."""
+
+    image_embeddings: list[np.ndarray] = field(default_factory=list)
+    text_embeddings: list[np.ndarray] = field(default_factory=list)
+    token_ids: list[np.ndarray] = field(default_factory=list)
+    token_lengths: list[np.ndarray] = field(default_factory=list)
+    catalogues: list[dict[str, Any]] = field(default_factory=list)
+    rows: int = 0
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _as_list(catalogues: Catalogue | Iterable[Catalogue]) -> list[Catalogue]:
+    return [catalogues] if isinstance(catalogues, Catalogue) else list(catalogues)
+
+
+def _token_dtype(encoder: Encoder) -> np.dtype:
+    vocab = int((getattr(encoder.config, "bert", None) or {}).get("vocab_size", 1 << 31))
+    return np.dtype(np.uint16 if vocab <= 1 << 16 else np.int32)
+
+
+def _model_section(encoder: Encoder) -> dict[str, Any]:
+    config = encoder.config
+    return {
+        "fingerprint": encoder.fingerprint,
+        "embed_dim": config.embed_dim,
+        "num_patches": config.num_patches,
+        "patch_feature_dim": config.patch_feature_dim,
+        "max_text_len": config.max_text_len,
+        "patch_features": dict(config.patch_features),
+    }
+
+
+# -- encoding -------------------------------------------------------------------------------------------
+
+
+def _codec_sample(
+    catalogues: Sequence[Catalogue], patch_features: PatchFeatureSource, config: IndexConfig
+) -> np.ndarray:
+    """(n * N, D) patch vectors of items drawn at random from all catalogues: the codec's training set."""
+    sizes = [len(c) for c in catalogues]
+    total = sum(sizes)
+    rng = np.random.default_rng(config.seed)
+    picks = np.sort(rng.choice(total, min(total, config.codec_train_items), replace=False))
+    vectors, start = [], 0
+    for catalogue, size in zip(catalogues, sizes, strict=True):
+        chosen = picks[(picks >= start) & (picks < start + size)] - start
+        start += size
+        if len(chosen):
+            _, features = patch_features(catalogue.subset([catalogue.items[i] for i in chosen]))
+            vectors.append(features.reshape(-1, features.shape[-1]))
+    sample = np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float16)
+    if not len(sample):
+        raise BundleError("none of the items sampled to train the patch codec has a readable image")
+    return sample.astype(np.float32)
+
+
+def _encode(
+    encoder: Encoder,
+    catalogues: Sequence[Catalogue],
+    patch_features: PatchFeatureSource,
+    codec: faiss.Index,
+    codes_out: BinaryIO,
+    db: sqlite3.Connection,
+    first_row: int,
+    known_ids: set[str],
+    config: IndexConfig,
+    report: JobReport,
+    progress: bool,
+) -> _Encoded:
+    """One pass over the catalogues in chunks: towers, tokens and patch codes; metadata rows into `db`."""
+    encoded = _Encoded()
+    stages = report.stages
+    expected = (encoder.config.num_patches, encoder.config.patch_feature_dim)
+    token_dtype, max_len = _token_dtype(encoder), encoder.config.max_text_len
+    row = first_row
+
+    def timed(stage: str, started: float) -> float:
+        now = time.perf_counter()
+        stages[stage] = stages.get(stage, 0.0) + now - started
+        return now
+
+    with tqdm(total=sum(len(c) for c in catalogues), unit="item", desc="index", disable=not progress) as bar:
+        for catalogue in catalogues:
+            fresh = []
+            for item in catalogue.items:
+                if item.id in known_ids:
+                    report.skipped_duplicate += 1
+                    continue
+                known_ids.add(item.id)
+                fresh.append(item)
+            bar.update(len(catalogue) - len(fresh))
+            skipped_before = report.skipped_unreadable
+            for start in range(0, len(fresh), config.chunk_items):
+                chunk = fresh[start : start + config.chunk_items]
+                t = time.perf_counter()
+                kept, features = patch_features(catalogue.subset(chunk))
+                t = timed("patch_features", t)
+                report.skipped_unreadable += len(chunk) - len(kept)
+                bar.update(len(chunk))
+                if not len(kept):
+                    continue
+                assert features.shape[1:] == expected, (
+                    f"patch features {features.shape[1:]} do not fit the model {expected}"
+                )
+                encoded.image_embeddings.append(encoder.encode_images(features, batch_size=config.batch_size))
+                t = timed("image_tower", t)
+
+                token_ids = encoder.tokenize([item.text for item in kept.items])
+                # Sorted by length, each model batch pads only to its own longest text.
+                order = np.argsort([len(ids) for ids in token_ids], kind="stable")
+                text = encoder.encode_token_ids([token_ids[i] for i in order], batch_size=config.batch_size)
+                encoded.text_embeddings.append(text[np.argsort(order)])
+                t = timed("text_tower", t)
+
+                padded = np.zeros((len(kept), max_len), dtype=token_dtype)
+                lengths = np.array([min(len(ids), max_len) for ids in token_ids], dtype=np.uint16)
+                for i, ids in enumerate(token_ids):
+                    padded[i, : lengths[i]] = ids[:max_len]
+                encoded.token_ids.append(padded)
+                encoded.token_lengths.append(lengths)
+                codes_out.write(encode_patches(codec, features).tobytes())
+                t = timed("patch_codes", t)
+
+                metadata.insert_items(db, row, kept.items, catalogue.source)
+                row += len(kept)
+                timed("metadata", t)
+                bar.set_postfix(skipped=report.skipped_unreadable, refresh=False)
+            encoded.catalogues.append(
+                {
+                    "name": catalogue.name,
+                    "source": catalogue.source,
+                    "fingerprint": catalogue.fingerprint(),
+                    "items": len(catalogue),
+                    "skipped_unreadable": report.skipped_unreadable - skipped_before,
+                    "skipped_rows": dict(catalogue.skipped),
+                    "added": _now(),
+                }
+            )
+    encoded.rows = row - first_row
+    return encoded
+
+
+def _write_npy_from_raw(raw: Path, out: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    """Wrap a file of raw C-order bytes as a .npy (header first), streamed: the codes never sit in memory."""
+    assert raw.stat().st_size == int(np.prod(shape)) * dtype.itemsize, "raw code bytes do not fill the shape"
+    with open(out, "wb") as f, open(raw, "rb") as source:
+        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(f, header)
+        shutil.copyfileobj(source, f, 1 << 24)
+    raw.unlink()
+
+
+def _copy_npy_rows(source: Path, out: BinaryIO) -> None:
+    """Append the raw bytes of an existing .npy's rows to `out`, a block of rows at a time."""
+    array = np.load(source, allow_pickle=False, mmap_mode="r")
+    for start in range(0, len(array), 4096):
+        out.write(np.ascontiguousarray(array[start : start + 4096]).tobytes())
+
+
+def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Checksum every file, then write the manifest: the last file, whose presence marks a whole bundle."""
+    manifest["files"] = file_entries(folder)
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _counts(rows: int, removed: int, skipped: int) -> dict[str, int]:
+    return {"rows": rows, "live": rows - removed, "removed": removed, "skipped_unreadable": skipped}
+
+
+# -- jobs -----------------------------------------------------------------------------------------------
+
+
+def build_bundle(
+    encoder: Encoder,
+    catalogues: Catalogue | Iterable[Catalogue],
+    patch_features: PatchFeatureSource,
+    out: str | Path,
+    config: IndexConfig | None = None,
+    progress: bool = True,
+) -> JobReport:
+    """Encode every item and write a new bundle at `out` (replacing any bundle there, in one step)."""
+    config = config or IndexConfig()
+    catalogues = _as_list(catalogues)
+    out = Path(out).absolute()
+    report = JobReport(out)
+    started = time.perf_counter()
+    if not sum(len(c) for c in catalogues):
+        raise BundleError("no items to index: the catalogues are empty")
+    with locked(out), staging_folder(out) as staging:
+        t = time.perf_counter()
+        codec_sample = _codec_sample(catalogues, patch_features, config)
+        codec, codec_factory = train_codec(codec_sample, config.patch_codec)
+        codec_trained_on, codec_sample = len(codec_sample), None  # free the sample before encoding
+        report.stages["train_codec"] = time.perf_counter() - t
+
+        db = metadata.create_items_db(staging / ITEMS_DB)
+        raw_codes = staging / (PATCH_CODES + ".part")
+        with open(raw_codes, "wb") as codes_out:
+            encoded = _encode(
+                encoder, catalogues, patch_features, codec, codes_out, db, 0, set(), config, report, progress
+            )
+        db.commit()
+        db.close()
+        if not encoded.rows:
+            raise BundleError(f"no item could be indexed: {report.skipped_unreadable} unreadable images")
+        report.rows = report.added = encoded.rows
+
+        t = time.perf_counter()
+        image_embeddings = np.concatenate(encoded.image_embeddings)
+        text_embeddings = np.concatenate(encoded.text_embeddings)
+        factory = choose_factory(encoded.rows, image_embeddings.shape[1], config)
+        # One set of quantizers for both indexes, trained on both modalities: the towers embed into one
+        # space, and each index is searched by the other modality's queries. Half the training, too.
+        trained = new_index(factory, image_embeddings.shape[1], config)
+        trained_on = train_index(trained, np.concatenate([image_embeddings, text_embeddings]), config)
+        indexes = {IMAGE_INDEX: faiss.clone_index(trained), TEXT_INDEX: trained}
+        t2 = time.perf_counter()
+        report.stages["train_index"] = t2 - t
+        for name, vectors in ((IMAGE_INDEX, image_embeddings), (TEXT_INDEX, text_embeddings)):
+            indexes[name] = add_vectors(indexes[name], vectors, config.use_gpu)
+        report.stages["add_index"] = time.perf_counter() - t2
+
+        t = time.perf_counter()
+        for name, index in indexes.items():
+            faiss.write_index(index, str(staging / name))
+        faiss.write_index(codec, str(staging / PATCH_CODEC))
+        code_shape = (encoded.rows, encoder.config.num_patches, codec.sa_code_size())
+        _write_npy_from_raw(raw_codes, staging / PATCH_CODES, np.dtype(np.uint8), code_shape)
+        np.save(staging / TOKEN_IDS, np.concatenate(encoded.token_ids), allow_pickle=False)
+        np.save(staging / TOKEN_LENGTHS, np.concatenate(encoded.token_lengths), allow_pickle=False)
+
+        report.seconds = time.perf_counter() - started
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": _now(),
+            "updated": _now(),
+            "model": _model_section(encoder),
+            "catalogues": encoded.catalogues,
+            "counts": _counts(encoded.rows, 0, report.skipped_unreadable),
+            "indexes": {
+                "factory": factory,
+                "metric": "inner_product",
+                "normalized": True,
+                "dim": int(image_embeddings.shape[1]),
+                "nlist": inverted_lists(indexes[IMAGE_INDEX]),
+                "nprobe": config.nprobe,
+                "refine_k_factor": config.refine_k_factor,
+                "trained_on": trained_on,
+                "built_on": "gpu" if config.use_gpu and gpu_available() else "cpu",
+                "image": {"file": IMAGE_INDEX, "searched_by": "text queries"},
+                "text": {"file": TEXT_INDEX, "searched_by": "image queries"},
+            },
+            "patch_codec": {
+                "file": PATCH_CODEC,
+                "codes": PATCH_CODES,
+                "factory": codec_factory,
+                "code_size": codec.sa_code_size(),
+                "dim": codec.d,
+                "bytes_per_item": codec.sa_code_size() * encoder.config.num_patches,
+                "trained_on_patches": codec_trained_on,
+            },
+            "tokens": {
+                "file": TOKEN_IDS,
+                "lengths": TOKEN_LENGTHS,
+                "dtype": _token_dtype(encoder).name,
+                "max_len": encoder.config.max_text_len,
+            },
+            "config": config.to_dict(),
+            "build": {
+                "seconds": round(report.seconds, 3),
+                "items_per_second": round(report.items_per_second, 2),
+                "stages": {k: round(v, 3) for k, v in report.stages.items()},
+            },
+            "history": [
+                {
+                    "op": "build",
+                    "at": _now(),
+                    "added": encoded.rows,
+                    "skipped_unreadable": report.skipped_unreadable,
+                }
+            ],
+        }
+        _write_manifest(staging, manifest)
+        report.stages["write"] = time.perf_counter() - t
+        publish(staging, out)
+    report.seconds = time.perf_counter() - started
+    logger.info(
+        "built %s: %d items (%s), %d unreadable skipped, %.0f items/s",
+        out,
+        report.rows,
+        factory,
+        report.skipped_unreadable,
+        report.items_per_second,
+    )
+    return report
+
+
+def _open_for_update(path: Path, fingerprint: str | None) -> dict[str, Any]:
+    """The manifest of a bundle about to be updated, after refusing a wrong model or damaged files."""
+    manifest = read_manifest(path)
+    check_model(manifest, fingerprint, path)
+    verify_files(path, manifest, checksums=True)  # never carry a corrupt file into the new bundle
+    return manifest
+
+
+def add_to_bundle(
+    encoder: Encoder,
+    path: str | Path,
+    catalogues: Catalogue | Iterable[Catalogue],
+    patch_features: PatchFeatureSource,
+    progress: bool = True,
+) -> JobReport:
+    """Append new items with the bundle's trained quantizers and codec (no retraining); ids present are skipped."""
+    path = Path(path).absolute()
+    catalogues = _as_list(catalogues)
+    report = JobReport(path)
+    started = time.perf_counter()
+    with locked(path):
+        manifest = _open_for_update(path, encoder.fingerprint)
+        if dict(encoder.config.patch_features) != manifest["model"]["patch_features"]:
+            raise BundleError(f"{path}: the model's patch-feature config differs from the bundle's")
+        config = IndexConfig.from_dict(manifest["config"])
+        old_rows = manifest["counts"]["rows"]
+        with staging_folder(path) as staging:
+            shutil.copy2(path / ITEMS_DB, staging / ITEMS_DB)
+            link_or_copy(path / PATCH_CODEC, staging / PATCH_CODEC)
+            codec = faiss.read_index(str(path / PATCH_CODEC))
+            db = sqlite3.connect(staging / ITEMS_DB)
+            raw_codes = staging / (PATCH_CODES + ".part")
+            with open(raw_codes, "wb") as codes_out:
+                _copy_npy_rows(path / PATCH_CODES, codes_out)
+                encoded = _encode(
+                    encoder,
+                    catalogues,
+                    patch_features,
+                    codec,
+                    codes_out,
+                    db,
+                    old_rows,
+                    metadata.live_ids(db),
+                    config,
+                    report,
+                    progress,
+                )
+            db.commit()
+            db.close()
+            report.added = encoded.rows
+            report.rows = old_rows + encoded.rows
+            if not encoded.rows:
+                logger.info("%s: nothing new to add; the bundle is unchanged", path)
+                report.seconds = time.perf_counter() - started
+                return report
+
+            t = time.perf_counter()
+            for name, vectors in (
+                (IMAGE_INDEX, encoded.image_embeddings),
+                (TEXT_INDEX, encoded.text_embeddings),
+            ):
+                index = faiss.read_index(str(path / name))
+                assert index.ntotal == old_rows, (
+                    f"{name} holds {index.ntotal} vectors, the bundle {old_rows} rows"
+                )
+                index = add_vectors(index, np.concatenate(vectors), config.use_gpu)
+                faiss.write_index(index, str(staging / name))
+            report.stages["add_index"] = time.perf_counter() - t
+            code_shape = (report.rows, encoder.config.num_patches, codec.sa_code_size())
+            _write_npy_from_raw(raw_codes, staging / PATCH_CODES, np.dtype(np.uint8), code_shape)
+            for name, new in ((TOKEN_IDS, encoded.token_ids), (TOKEN_LENGTHS, encoded.token_lengths)):
+                old = np.load(path / name, allow_pickle=False)
+                np.save(staging / name, np.concatenate([old, *new]), allow_pickle=False)
+
+            counts = manifest["counts"]
+            manifest["counts"] = _counts(
+                report.rows, counts["removed"], counts["skipped_unreadable"] + report.skipped_unreadable
+            )
+            manifest["catalogues"].extend(encoded.catalogues)
+            manifest["updated"] = _now()
+            manifest["history"].append(
+                {
+                    "op": "add",
+                    "at": _now(),
+                    "added": encoded.rows,
+                    "skipped_unreadable": report.skipped_unreadable,
+                }
+            )
+            _write_manifest(staging, manifest)
+            publish(staging, path)
+    report.seconds = time.perf_counter() - started
+    logger.info(
+        "%s: added %d items (%d unreadable, %d already indexed)",
+        path,
+        report.added,
+        report.skipped_unreadable,
+        report.skipped_duplicate,
+    )
+    return report
+
+
+def remove_from_bundle(path: str | Path, item_ids: Iterable[str]) -> JobReport:
+    """Mark items removed (out of stock) without a rebuild: they never come back from search."""
+    path = Path(path).absolute()
+    report = JobReport(path)
+    started = time.perf_counter()
+    with locked(path):
+        manifest = _open_for_update(path, None)
+        with staging_folder(path) as staging:
+            shutil.copy2(path / ITEMS_DB, staging / ITEMS_DB)
+            db = sqlite3.connect(staging / ITEMS_DB)
+            report.removed, report.unknown = metadata.mark_removed(db, item_ids)
+            db.commit()
+            removed_total = len(metadata.removed_rows(db))
+            db.close()
+            report.rows = manifest["counts"]["rows"]
+            if not report.removed:
+                report.seconds = time.perf_counter() - started
+                return report
+            for name in manifest["files"]:
+                if name != ITEMS_DB:
+                    link_or_copy(path / name, staging / name)
+            manifest["counts"] = _counts(report.rows, removed_total, manifest["counts"]["skipped_unreadable"])
+            manifest["updated"] = _now()
+            manifest["history"].append({"op": "remove", "at": _now(), "removed": len(report.removed)})
+            _write_manifest(staging, manifest)
+            publish(staging, path)
+    report.seconds = time.perf_counter() - started
+    return report

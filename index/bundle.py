@@ -1,0 +1,289 @@
+"""A bundle is a folder the service loads once: two recall indexes, re-rank features, metadata, a manifest.
+
+    manifest.json        format version, model fingerprint, factory strings, counts, dims, sha256 of every file
+    image.faiss          image embeddings, searched by text queries
+    text.faiss           text embeddings, searched by image queries
+    patch_codec.faiss    the trained patch-feature codec (faiss sa_encode / sa_decode)
+    patch_codes.npy      (rows, N, code_size) uint8: every item's patches for the cross-encoder, memory-mapped
+    token_ids.npy        (rows, T) uint16/int32 word-piece ids, right-padded; token_lengths.npy (rows,)
+    items.sqlite         metadata, row = faiss id, with the `removed` flag
+
+The manifest is written last and the folder renamed into place only when complete, so a folder with a
+manifest is a whole bundle; `Bundle.open` still checks sizes and checksums before it trusts a byte. Only
+faiss indexes and pickle-free .npy files are read, and only from inside the bundle folder.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import sqlite3
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from index import metadata
+from index.codec import decode_patches
+from index.search import RowFilter, filtered_search, row_filter
+
+FORMAT = "fashionbert-index"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+IMAGE_INDEX, TEXT_INDEX = "image.faiss", "text.faiss"
+PATCH_CODEC, PATCH_CODES = "patch_codec.faiss", "patch_codes.npy"
+TOKEN_IDS, TOKEN_LENGTHS = "token_ids.npy", "token_lengths.npy"
+ITEMS_DB = "items.sqlite"
+FILES = (IMAGE_INDEX, TEXT_INDEX, PATCH_CODEC, PATCH_CODES, TOKEN_IDS, TOKEN_LENGTHS, ITEMS_DB)
+
+
+class BundleError(ValueError):
+    """A bundle that is missing, incomplete, tampered with, of another format version or another model."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entries(folder: Path, names: Sequence[str] = FILES) -> dict[str, dict[str, Any]]:
+    """The manifest's `files` section: size and sha256 of each bundle file."""
+    return {
+        name: {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
+        for name in names
+    }
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of a bundle folder, its format and version checked; raises BundleError."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise BundleError(f"{folder}: no such bundle folder")
+    file = folder / MANIFEST
+    if not file.is_file():
+        raise BundleError(f"{folder}: no {MANIFEST}: not a bundle, or a build that did not finish")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BundleError(f"{file}: unreadable manifest ({error})") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{file}: not a {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{folder}: bundle format version {manifest.get('format_version')!r}, this code reads version "
+            f"{FORMAT_VERSION}; rebuild the bundle with `fashionbert index build`"
+        )
+    return manifest
+
+
+def verify_files(folder: Path, manifest: Mapping[str, Any], checksums: bool = True) -> None:
+    """Every file the manifest lists is there with its size (and sha256); raises BundleError naming the file."""
+    files = manifest.get("files", {})
+    missing = [name for name in FILES if name not in files]
+    if missing:
+        raise BundleError(f"{folder}: manifest lists no {missing}")
+    for name, entry in files.items():
+        path = folder / name
+        if Path(name).name != name or not path.is_file():
+            raise BundleError(f"{folder}: bundle file {name} is missing")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise BundleError(
+                f"{path}: {size} bytes, the manifest says {entry['bytes']}: truncated or replaced"
+            )
+        if checksums and file_sha256(path) != entry["sha256"]:
+            raise BundleError(
+                f"{path}: sha256 does not match the manifest: the file is corrupt or was modified"
+            )
+
+
+def check_model(manifest: Mapping[str, Any], fingerprint: str | None, where: Path) -> None:
+    built_with = manifest["model"]["fingerprint"]
+    if fingerprint is not None and fingerprint != built_with:
+        raise BundleError(
+            f"{where}: built with model {built_with[:12]}, not the given model {fingerprint[:12]}: "
+            "its embeddings live in another space; rebuild the bundle for this model"
+        )
+
+
+def _read_index(path: Path, dim: int, rows: int) -> faiss.Index:
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as error:
+        raise BundleError(f"{path}: not a readable faiss index ({str(error).splitlines()[0]})") from error
+    if index.d != dim or index.ntotal != rows:
+        raise BundleError(f"{path}: {index.ntotal} x {index.d}-d, the manifest says {rows} x {dim}-d")
+    return index
+
+
+def _load_array(path: Path, shape: tuple[int, ...], mmap: bool = False) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except (ValueError, OSError, EOFError) as error:
+        raise BundleError(f"{path}: not a readable .npy array ({error})") from error
+    if array.shape != shape:
+        raise BundleError(f"{path}: shape {array.shape}, the manifest says {shape}")
+    return array
+
+
+class Bundle:
+    """A read-only bundle, loaded once and shared by the service's threads."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = path
+        self.manifest = manifest
+        counts, model = manifest["counts"], manifest["model"]
+        self.rows = int(counts["rows"])
+        self.embed_dim = int(model["embed_dim"])
+        self.num_patches = int(model["num_patches"])
+        self.patch_feature_dim = int(model["patch_feature_dim"])
+        self.nprobe = int(manifest["indexes"]["nprobe"])
+        self.image_index = _read_index(path / IMAGE_INDEX, self.embed_dim, self.rows)
+        self.text_index = _read_index(path / TEXT_INDEX, self.embed_dim, self.rows)
+        self.codec = _read_index(path / PATCH_CODEC, self.patch_feature_dim, 0)
+        code_size = self.codec.sa_code_size()
+        # Memory-mapped: only the shortlisted items' codes are ever paged in.
+        self._codes = _load_array(path / PATCH_CODES, (self.rows, self.num_patches, code_size), mmap=True)
+        max_len = int(manifest["tokens"]["max_len"])
+        self._token_ids = _load_array(path / TOKEN_IDS, (self.rows, max_len))
+        self._token_lengths = _load_array(path / TOKEN_LENGTHS, (self.rows,))
+        try:
+            self._db = metadata.open_items_db(path / ITEMS_DB)
+            stored = metadata.count_rows(self._db)
+            removed = metadata.removed_rows(self._db)
+        except sqlite3.DatabaseError as error:
+            raise BundleError(f"{path / ITEMS_DB}: not a readable items database ({error})") from error
+        if stored != self.rows:
+            raise BundleError(f"{path / ITEMS_DB}: {stored} rows, the manifest says {self.rows}")
+        self._lock = threading.Lock()  # one SQLite connection, one statement at a time
+        self.live = np.ones(self.rows, dtype=bool)
+        self.live[removed] = False
+        self.size = int(self.live.sum())
+        self._live_filter = row_filter(self.live) if self.size < self.rows else None
+        self._matching = functools.lru_cache(maxsize=256)(self._rows_matching)
+
+    @classmethod
+    def open(
+        cls, path: str | Path, expected_model_fingerprint: str | None = None, verify_checksums: bool = True
+    ) -> Bundle:
+        """Load a bundle, refusing (BundleError) a missing, partial, tampered or other-model one."""
+        folder = Path(path)
+        manifest = read_manifest(folder)
+        check_model(manifest, expected_model_fingerprint, folder)
+        verify_files(folder, manifest, checksums=verify_checksums)
+        try:
+            return cls(folder, manifest)
+        except KeyError as error:
+            raise BundleError(f"{folder / MANIFEST}: missing field {error}") from error
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Bundle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- recall --------------------------------------------------------------------------------------
+
+    def search_images(
+        self, query_embeddings: np.ndarray, k: int, nprobe: int | None = None, rows: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Text query embeddings (q, E) -> (scores (q, k), item rows (q, k)); removed excluded, -1 padding.
+
+        `rows` limits results to those rows (from `rows_matching`), e.g. one category.
+        """
+        return filtered_search(
+            self.image_index, query_embeddings, k, self._allowed(rows), nprobe or self.nprobe
+        )
+
+    def search_texts(
+        self, query_embeddings: np.ndarray, k: int, nprobe: int | None = None, rows: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Image query embeddings (q, E) -> (scores, rows) over the items' text embeddings."""
+        return filtered_search(
+            self.text_index, query_embeddings, k, self._allowed(rows), nprobe or self.nprobe
+        )
+
+    def _allowed(self, rows: np.ndarray | Sequence[int] | None) -> RowFilter | None:
+        if rows is None:
+            return self._live_filter
+        allowed = np.zeros(self.rows, dtype=bool)
+        allowed[np.asarray(list(rows) if isinstance(rows, set) else rows, dtype=np.int64)] = True
+        return row_filter(allowed & self.live)
+
+    # -- re-rank inputs ------------------------------------------------------------------------------
+
+    def _check_rows(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.rows):
+            raise IndexError(f"rows must be in [0, {self.rows}); drop the -1 padding of search results first")
+        return rows
+
+    def patch_features(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
+        """(len(rows), N, D) float32 patch features decoded for the cross-encoder."""
+        rows = self._check_rows(rows)
+        return decode_patches(self.codec, np.asarray(self._codes[rows]))
+
+    def token_ids(self, rows: np.ndarray | Sequence[int]) -> list[list[int]]:
+        """The items' word-piece ids ([CLS] ... [SEP]) as the model tokenized their text at build time."""
+        rows = self._check_rows(rows)
+        return [self._token_ids[r, : self._token_lengths[r]].tolist() for r in rows]
+
+    # -- metadata ------------------------------------------------------------------------------------
+
+    def items(self, rows: np.ndarray | Sequence[int]) -> list[dict[str, Any]]:
+        """Metadata dicts (row, id, title, text, category, subcategory, image, group, metadata, ...) in order."""
+        rows = self._check_rows(rows)
+        with self._lock:
+            found = metadata.fetch_rows(self._db, rows.tolist())
+        return [found[int(r)] for r in rows]
+
+    def row_of(self, item_id: str) -> int | None:
+        """The live row of an item id; None when unknown or removed."""
+        item = self.item(item_id)
+        return None if item is None else item["row"]
+
+    def item(self, item_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            return metadata.fetch_live_by_id(self._db, str(item_id))
+
+    def rows_matching(self, filters: Mapping[str, str | Sequence[str]]) -> np.ndarray:
+        """Sorted live rows matching every filter: keys id, category, subcategory, group, metadata.<field>.
+
+        A list value matches any of its entries. Cached: a bundle never changes, and the same category
+        filters come back query after query. The array is read-only.
+        """
+        key = tuple(sorted((k, v if isinstance(v, str) else tuple(v)) for k, v in filters.items()))
+        return self._matching(key)
+
+    def _rows_matching(self, key: tuple[tuple[str, str | tuple[str, ...]], ...]) -> np.ndarray:
+        with self._lock:
+            rows = metadata.rows_matching(self._db, dict(key))
+        rows.flags.writeable = False
+        return rows
+
+    def image_path(self, item_id: str) -> Path | None:
+        """The item's image file when it is a file on this machine (HDF5 references are not)."""
+        item = self.item(item_id)
+        if item is None or "#" in item["image"]:
+            return None
+        path = Path(item["image"])
+        return path if path.is_file() else None
+
+    # -- description ---------------------------------------------------------------------------------
+
+    def file_sizes(self) -> dict[str, int]:
+        return {name: entry["bytes"] for name, entry in self.manifest["files"].items()}
+
+    def __repr__(self) -> str:
+        return f"Bundle({str(self.path)!r}, {self.size} live of {self.rows} rows)"
