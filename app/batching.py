@@ -1,0 +1,147 @@
+"""Dynamic micro-batching of cross-encoder work: many requests' (text, image) pairs, one `match` call.
+
+A request's pairs wait at most `window_s` for company; whatever queued while the model was busy joins
+the next batch at once, so batches grow with load and throughput with them. The model runs on the
+caller's executor (one dedicated thread), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+ScoreFn = Callable[[list[list[int]], np.ndarray], np.ndarray]  # (token_ids, patch_features (n,N,D)) -> (n,)
+BatchObserver = Callable[[int, int, float], None]  # (pairs, requests, compute seconds)
+
+
+@dataclass
+class _Pending:
+    token_ids: Sequence[Sequence[int]]
+    patch_features: np.ndarray  # (n, N, D)
+    future: asyncio.Future[np.ndarray] = field(repr=False)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+class MicroBatcher:
+    """Collects `score` calls from concurrent requests and answers each with its slice of one batch."""
+
+    def __init__(
+        self,
+        score_fn: ScoreFn,
+        executor: Executor | None = None,
+        window_s: float = 0.002,
+        max_batch_pairs: int = 256,
+        on_batch: BatchObserver | None = None,
+    ) -> None:
+        assert max_batch_pairs >= 1, "a batch must hold at least one pair"
+        self.score_fn = score_fn
+        self.executor = executor
+        self.window_s = window_s
+        self.max_batch_pairs = max_batch_pairs
+        self.on_batch = on_batch
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._carry: _Pending | None = None  # a request that did not fit the last batch starts the next
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a batch (not counting the one being scored)."""
+        return (self._queue.qsize() if self._queue is not None else 0) + (self._carry is not None)
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._queue = asyncio.Queue()
+            self._worker = asyncio.create_task(self._run(), name="rerank-batcher")
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None
+        pending = [self._carry] if self._carry else []
+        self._carry = None
+        while self._queue is not None and not self._queue.empty():
+            pending.append(self._queue.get_nowait())
+        for item in pending:
+            if not item.future.done():
+                item.future.set_exception(RuntimeError("the re-ranker shut down"))
+
+    async def score(self, token_ids: Sequence[Sequence[int]], patch_features: np.ndarray) -> np.ndarray:
+        """Cross-encoder logits of the pairs (token_ids[i], patch_features[i]): (n,) float32."""
+        assert len(token_ids) == len(patch_features), "one text per image"
+        if len(token_ids) == 0:
+            return np.zeros((0,), np.float32)
+        if self._queue is None:
+            self.start()
+        assert self._queue is not None
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(token_ids, patch_features, future))
+        return await future
+
+    async def _next_batch(self) -> list[_Pending]:
+        assert self._queue is not None
+        first = self._carry if self._carry is not None else await self._queue.get()
+        self._carry = None
+        batch, pairs = [first], len(first)
+        deadline = time.monotonic() + self.window_s
+        while pairs < self.max_batch_pairs:
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining > 0:
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                else:
+                    item = self._queue.get_nowait()  # past the window: take only what already waits
+            except (asyncio.TimeoutError, asyncio.QueueEmpty):  # the builtin TimeoutError only from 3.11
+                break
+            if pairs + len(item) > self.max_batch_pairs:
+                self._carry = item
+                break
+            batch.append(item)
+            pairs += len(item)
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [item for item in await self._next_batch() if not item.future.done()]  # drop cancelled
+            if not batch:
+                continue
+            token_ids = [list(ids) for item in batch for ids in item.token_ids]
+            patch_features = (
+                batch[0].patch_features
+                if len(batch) == 1
+                else np.concatenate([item.patch_features for item in batch])  # (sum n, N, D)
+            )
+            start = time.perf_counter()
+            try:
+                scores = await loop.run_in_executor(self.executor, self.score_fn, token_ids, patch_features)
+            except asyncio.CancelledError:  # shutting down: nobody will answer these requests
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(RuntimeError("the re-ranker shut down"))
+                raise
+            except Exception as error:  # one bad batch fails its requests, not the batcher
+                logger.exception("re-rank batch of %d pairs failed", len(token_ids))
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(error)
+                continue
+            if self.on_batch is not None:
+                self.on_batch(len(token_ids), len(batch), time.perf_counter() - start)
+            offset = 0
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_result(scores[offset : offset + len(item)])
+                offset += len(item)

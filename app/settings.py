@@ -1,0 +1,68 @@
+"""Settings: the one place the service reads its environment (`FASHIONBERT_*` variables and `.env`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the search service can be told; every field is `FASHIONBERT_<NAME>` in the environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FASHIONBERT_", env_file=".env", extra="ignore", protected_namespaces=()
+    )
+
+    # What to serve.
+    model_dir: Path | None = None  # FashionBERT checkpoint folder
+    index_dir: Path | None = None  # index bundle folder (`fashionbert index build`)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    verify_checksums: bool = True  # hash the bundle's arrays when opening it (slower start, no silent rot)
+    nprobe: int | None = Field(default=None, ge=1)  # IVF lists probed per query; None = the bundle's choice
+    warm_up: bool = True  # one text and one image search through the whole path before /readyz says ready
+    torch_threads: int | None = Field(default=None, ge=1)
+
+    # Search options: defaults a request gets when it says nothing, maxima it may not exceed.
+    default_k: int = Field(default=10, ge=1)
+    max_k: int = Field(default=100, ge=1)
+    max_offset: int = Field(default=1000, ge=0)
+    default_recall_k: int = Field(default=200, ge=1)
+    max_recall_k: int = Field(default=2000, ge=1)
+    default_rerank_k: int = Field(default=50, ge=0)
+    max_rerank_k: int = Field(default=500, ge=0)
+    # Hard cap on query characters: longer is a 422; shorter but past the model's tokens is truncated.
+    max_query_chars: int = Field(default=2000, ge=1)
+
+    # Request size limits.
+    max_upload_bytes: int = Field(default=10 * 2**20, ge=1)
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    max_json_bytes: int = Field(default=64 * 2**10, ge=1)
+
+    # Access. No key configured = that part of the API is open (search) or switched off (admin).
+    admin_api_key: SecretStr | None = None
+    search_api_key: SecretStr | None = None
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # Re-ranking micro-batches and back-pressure.
+    batch_window_ms: float = Field(default=2.0, ge=0.0)
+    max_batch_pairs: int = Field(default=256, ge=1)
+    max_queue_depth: int = Field(default=64, ge=1)  # searches in flight beyond this get 503
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        # `FASHIONBERT_CORS_ORIGINS=https://a.example,https://b.example` reads as a list.
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _defaults_within_maxima(self) -> Settings:
+        for name in ("k", "recall_k", "rerank_k"):
+            default, maximum = getattr(self, f"default_{name}"), getattr(self, f"max_{name}")
+            if default > maximum:
+                raise ValueError(f"default_{name} ({default}) exceeds max_{name} ({maximum})")
+        return self

@@ -1,0 +1,431 @@
+"""Load test of the search service: QPS and latency percentiles beside retrieval quality.
+
+Starts `fashionbert serve` as a separate process on loopback, then drives it from this process at
+concurrency 1, 8 and 32 with text and image queries (validation items: the query is an item's text
+or photo, a hit is that item or one with identical text), for three ways of searching:
+
+  embeddings   rerank=false: recall only
+  two-stage    recall `recall_k`, cross-encoder re-ranks the best `rerank_k` (the service's default)
+  brute-force  the cross-encoder scores the whole catalogue (recall_k = rerank_k = catalogue size)
+
+and measures this machine's bf16 matrix-multiply throughput in the same run, to say what share of
+it the re-ranker reaches. Every cell is bounded by a query count and a time limit.
+
+    python benchmarks/serve_load.py --model runs/x/best --index bundles/hm --data hm:../shared/data/hm
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+MODES = ("embeddings", "two-stage", "brute-force")
+MODALITIES = ("text", "image")
+RECALL_AT = 10
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `python benchmarks/serve_load.py` from a checkout, installed or not
+
+
+@dataclass(frozen=True)
+class Query:
+    item_id: str
+    text: str
+    image: bytes
+    relevant: frozenset[str]  # the item and every item with identical text
+
+
+@dataclass
+class Cell:
+    mode: str
+    modality: str
+    concurrency: int
+    latencies_ms: list[float] = field(default_factory=list)
+    hits: dict[str, bool] = field(default_factory=dict)  # query item id -> relevant item in the top 10
+    errors: int = 0
+    wall_s: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        lat = np.asarray(self.latencies_ms)
+        pct = (lambda q: float(np.percentile(lat, q))) if len(lat) else (lambda q: float("nan"))
+        return {
+            "mode": self.mode,
+            "modality": self.modality,
+            "concurrency": self.concurrency,
+            "requests": len(lat),
+            "errors": self.errors,
+            "qps": len(lat) / self.wall_s if self.wall_s else float("nan"),
+            "p50_ms": pct(50),
+            "p95_ms": pct(95),
+            "p99_ms": pct(99),
+        }
+
+
+# -- the server ---------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server(args: argparse.Namespace, port: int) -> Iterator[subprocess.Popen]:
+    env = {
+        **os.environ,
+        # Brute force asks for the whole catalogue; the benchmark's own bounds keep it in check.
+        "FASHIONBERT_MAX_RECALL_K": "100000000",
+        "FASHIONBERT_MAX_RERANK_K": "100000000",
+        "FASHIONBERT_MAX_QUEUE_DEPTH": "1024",
+    }
+    command = [sys.executable, "-m", "app.cli", "serve", "--model", args.model, "--index", args.index]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--device", args.device]
+    log = open(args.server_log, "w")  # noqa: SIM115 - closed below, after the process
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def wait_ready(base_url: str, process: subprocess.Popen, timeout_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}; see its log")
+        with contextlib.suppress(httpx.HTTPError):
+            response = httpx.get(f"{base_url}/readyz", timeout=5)
+            if response.status_code == 200:
+                return response.json()
+        time.sleep(0.5)
+    raise TimeoutError(f"the server was not ready within {timeout_s} s")
+
+
+def scrape(base_url: str) -> dict[str, float]:
+    """The unlabelled samples of /metrics, by name."""
+    values: dict[str, float] = {}
+    for line in httpx.get(f"{base_url}/metrics", timeout=10).text.splitlines():
+        match = re.match(r"^([a-z_]+) ([0-9.e+-]+)$", line)
+        if match:
+            values[match.group(1)] = float(match.group(2))
+    return values
+
+
+def wait_drained(base_url: str, timeout_s: float = 120.0) -> None:
+    """Let abandoned requests finish so they do not slow the next cell."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and scrape(base_url).get("fashionbert_queue_depth", 0) > 0:
+        time.sleep(0.2)
+
+
+# -- queries ------------------------------------------------------------------------------------------
+
+
+def load_queries(args: argparse.Namespace, base_url: str) -> list[Query]:
+    from model.catalogue import load_catalogue
+
+    catalogue = load_catalogue(args.data, limit=args.limit)
+    _, validation = catalogue.split(val_fraction=args.val_fraction, seed=args.split_seed)
+    by_text: dict[str, set[str]] = defaultdict(set)
+    for item in catalogue.items:
+        by_text[item.text].add(item.id)
+    queries = []
+    with httpx.Client(base_url=base_url, timeout=10) as client:
+        for item in validation.items:
+            if len(queries) >= args.queries:
+                break
+            if client.get(f"/items/{item.id}").status_code != 200:
+                continue  # not in this bundle (e.g. skipped when it was built)
+            path = Path(item.image)
+            if path.is_file():
+                image = path.read_bytes()
+            else:  # HDF5 catalogues hold pixels, not files: encode one
+                buffer = io.BytesIO()
+                catalogue.open_image(item).save(buffer, "PNG")
+                image = buffer.getvalue()
+            queries.append(Query(item.id, item.text, image, frozenset(by_text[item.text])))
+    if not queries:
+        raise SystemExit("no validation item of --data is in the bundle; check --data/--limit/--val-fraction")
+    return queries
+
+
+def mode_options(mode: str, catalogue_size: int, args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {"k": RECALL_AT, "recall_k": args.recall_k, "rerank_k": args.rerank_k}
+    if mode == "embeddings":
+        options["rerank"] = False
+    elif mode == "brute-force":
+        options.update(recall_k=catalogue_size, rerank_k=catalogue_size)
+    return options
+
+
+# -- load ---------------------------------------------------------------------------------------------
+
+
+async def run_cell(
+    base_url: str,
+    cell: Cell,
+    queries: Sequence[Query],
+    options: dict[str, Any],
+    max_requests: int,
+    max_s: float,
+) -> None:
+    """`cell.concurrency` clients issue queries back to back until `max_requests` or `max_s` is reached."""
+    next_query = 0
+    deadline = time.perf_counter() + max_s
+    limits = httpx.Limits(max_connections=cell.concurrency, max_keepalive_connections=cell.concurrency)
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        nonlocal next_query
+        while next_query < max_requests and time.perf_counter() < deadline:
+            query = queries[next_query % len(queries)]
+            next_query += 1
+            start = time.perf_counter()
+            if cell.modality == "text":
+                response = await client.post("/search/text", json={"query": query.text, **options})
+            else:
+                form = {key: str(value).lower() for key, value in options.items()}
+                response = await client.post(
+                    "/search/image", files={"file": ("q.jpg", query.image)}, data=form
+                )
+            elapsed = 1000 * (time.perf_counter() - start)
+            if response.status_code != 200:
+                cell.errors += 1
+                continue
+            cell.latencies_ms.append(elapsed)
+            ids = [result["id"] for result in response.json()["results"][:RECALL_AT]]
+            cell.hits[query.item_id] = any(i in query.relevant for i in ids)
+
+    async with httpx.AsyncClient(base_url=base_url, timeout=None, limits=limits) as client:
+        start = time.perf_counter()
+        workers = [asyncio.create_task(client_loop(client)) for _ in range(cell.concurrency)]
+        # Past the time limit, requests still running are abandoned, not awaited.
+        done, pending = await asyncio.wait(workers, timeout=max_s + 1.0)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        cell.wall_s = time.perf_counter() - start
+
+
+# -- compute ceiling ----------------------------------------------------------------------------------
+
+
+def bf16_matmul_tflops(size: int = 2048, seconds: float = 3.0) -> float:
+    """This machine's bf16 matrix-multiply throughput (torch, all its threads), as the re-ranker's ceiling."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(size, size, dtype=torch.bfloat16, device=device)
+    b = torch.randn(size, size, dtype=torch.bfloat16, device=device)
+    for _ in range(3):
+        a @ b  # noqa: B018 - warm-up
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b  # noqa: B018
+        count += 1
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * count / (time.perf_counter() - start) / 1e12
+
+
+def flops_per_pair(model_dir: str, text_tokens: float) -> float:
+    """Forward FLOPs of one (text, image) pair through the cross-encoder (matmuls only)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    bert = config["bert"]
+    hidden, layers = bert["hidden_size"], bert["num_hidden_layers"]
+    intermediate = bert.get("intermediate_size", 4 * hidden)
+    tokens = text_tokens + config["num_patches"]
+    per_layer = tokens * (8 * hidden**2 + 4 * hidden * intermediate) + 4 * tokens**2 * hidden
+    return layers * per_layer + 2 * config["num_patches"] * config["patch_feature_dim"] * hidden
+
+
+def mean_tokens(model_dir: str, texts: Sequence[str]) -> float:
+    from transformers import AutoTokenizer
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer(list(texts), truncation=True, max_length=config["max_text_len"])["input_ids"]
+    return float(np.mean([len(x) for x in ids]))
+
+
+# -- report -------------------------------------------------------------------------------------------
+
+
+def recall_at_10(cells: Sequence[Cell], mode: str, modality: str, only: set[str] | None = None) -> float:
+    hits: dict[str, bool] = {}
+    for cell in cells:
+        if (cell.mode, cell.modality) == (mode, modality):
+            hits.update(cell.hits)
+    values = [hit for item_id, hit in hits.items() if only is None or item_id in only]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def answered(cells: Sequence[Cell], mode: str, modality: str) -> set[str]:
+    return {i for c in cells if (c.mode, c.modality) == (mode, modality) for i in c.hits}
+
+
+def report(cells: list[Cell], extra: dict[str, Any]) -> dict[str, Any]:
+    rows = [cell.summary() for cell in cells]
+    for row in rows:
+        row["R@10"] = recall_at_10(cells, row["mode"], row["modality"])
+    comparisons = {}
+    for modality in MODALITIES:
+        shared = answered(cells, "two-stage", modality) & answered(cells, "brute-force", modality)
+        p50 = {
+            row["mode"]: row["p50_ms"]
+            for row in rows
+            if row["modality"] == modality and row["concurrency"] == 1
+        }
+        qps = {
+            row["mode"]: row["qps"]
+            for row in rows
+            if row["modality"] == modality and row["concurrency"] == max(c.concurrency for c in cells)
+        }
+        two, brute = (recall_at_10(cells, m, modality, shared) for m in ("two-stage", "brute-force"))
+        comparisons[modality] = {
+            "shared_queries": len(shared),
+            "two_stage_R@10": two,
+            "brute_force_R@10": brute,
+            "quality_ratio": two / brute if brute else float("nan"),
+            "speedup_p50_c1": p50.get("brute-force", float("nan")) / p50.get("two-stage", float("nan")),
+            "speedup_qps_max_c": qps.get("two-stage", float("nan")) / qps.get("brute-force", float("nan")),
+        }
+    return {"cells": rows, "comparisons": comparisons, **extra}
+
+
+def print_report(result: dict[str, Any]) -> None:
+    print(f"\nbf16 matmul ceiling: {result['bf16_matmul_tflops']:.3f} TFLOP/s ({result['device']})")
+    print(f"catalogue: {result['catalogue_size']} items, {result['queries']} validation queries\n")
+    print("| search | mode | conc. | requests | QPS | p50 ms | p95 ms | p99 ms | R@10 |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for row in result["cells"]:
+        cells = [row["modality"], row["mode"], row["concurrency"], row["requests"], f"{row['qps']:.1f}"]
+        cells += [f"{row[p]:.1f}" for p in ("p50_ms", "p95_ms", "p99_ms")] + [f"{row['R@10']:.3f}"]
+        print("| " + " | ".join(str(c) for c in cells) + " |")
+    print()
+    for modality, c in result["comparisons"].items():
+        print(
+            f"{modality}: two-stage vs brute force on {c['shared_queries']} shared queries: "
+            f"R@10 {c['two_stage_R@10']:.3f} vs {c['brute_force_R@10']:.3f} "
+            f"(ratio {c['quality_ratio']:.2f}); {c['speedup_p50_c1']:.1f}x faster at p50 c=1, "
+            f"{c['speedup_qps_max_c']:.1f}x the QPS at top concurrency"
+        )
+    for name, r in result["rerank_efficiency"].items():
+        print(
+            f"re-rank compute ({name}): {r['pairs_per_s']:.0f} pairs/s while computing, "
+            f"~{r['tflops']:.3f} TFLOP/s = {100 * r['share_of_matmul']:.0f}% of the bf16 matmul ceiling"
+        )
+
+
+# -- main ---------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="checkpoint folder")
+    parser.add_argument("--index", required=True, help="bundle folder built for that checkpoint")
+    parser.add_argument("--data", required=True, help="the catalogue the bundle was built from, KIND:PATH")
+    parser.add_argument("--limit", type=int, default=None, help="the --limit the bundle was built with")
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--queries", type=int, default=200, help="validation items used as queries")
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--recall-k", type=int, default=200)
+    parser.add_argument("--rerank-k", type=int, default=50)
+    parser.add_argument("--max-requests", type=int, default=200, help="requests per cell at most")
+    parser.add_argument("--cell-seconds", type=float, default=20.0, help="seconds per cell at most")
+    parser.add_argument("--brute-force-requests", type=int, default=40, help="brute-force requests per cell")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--ready-timeout", type=float, default=600.0)
+    parser.add_argument("--server-log", default="serve_load.server.log")
+    parser.add_argument("--out", default=None, help="write the full report as JSON here")
+    args = parser.parse_args(argv)
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    modes = [m for m in args.modes.split(",") if m]
+    assert set(modes) <= set(MODES), f"modes must be among {MODES}"
+
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    with server(args, port) as process:
+        ready = wait_ready(base_url, process, args.ready_timeout)
+        size = ready["index"]["items"]
+        queries = load_queries(args, base_url)
+        tflops = bf16_matmul_tflops()  # the server is idle now: the ceiling is measured on the same cores
+        print(f"server ready ({ready['model']['device']}), {size} items; {len(queries)} queries", flush=True)
+
+        cells: list[Cell] = []
+        efficiency_samples: dict[str, tuple[float, float]] = {}
+        for mode in modes:
+            options = mode_options(mode, size, args)
+            limit = args.brute_force_requests if mode == "brute-force" else args.max_requests
+            for modality in MODALITIES:
+                for concurrency in concurrencies:
+                    cell = Cell(mode, modality, concurrency)
+                    before = scrape(base_url)
+                    asyncio.run(run_cell(base_url, cell, queries, options, limit, args.cell_seconds))
+                    after = scrape(base_url)
+                    pairs = after["fashionbert_rerank_pairs_total"] - before["fashionbert_rerank_pairs_total"]
+                    busy = (
+                        after["fashionbert_rerank_compute_seconds_total"]
+                        - before["fashionbert_rerank_compute_seconds_total"]
+                    )
+                    if mode != "embeddings" and busy > 0:
+                        efficiency_samples[f"{mode} {modality} c={concurrency}"] = (pairs, busy)
+                    cells.append(cell)
+                    print(json.dumps(cell.summary()), flush=True)
+                    wait_drained(base_url)
+
+    query_tokens = mean_tokens(args.model, [q.text for q in queries])
+    efficiency = {}
+    for name, (pairs, busy) in efficiency_samples.items():
+        achieved = pairs * flops_per_pair(args.model, query_tokens) / busy / 1e12
+        efficiency[name] = {
+            "pairs_per_s": pairs / busy,
+            "tflops": achieved,
+            "share_of_matmul": achieved / tflops,
+        }
+    result = report(
+        cells,
+        {
+            "bf16_matmul_tflops": tflops,
+            "device": ready["model"]["device"],
+            "catalogue_size": size,
+            "queries": len(queries),
+            "rerank_k": args.rerank_k,
+            "recall_k": args.recall_k,
+            "rerank_efficiency": efficiency,
+            "args": {k: v for k, v in vars(args).items()},
+        },
+    )
+    print_report(result)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

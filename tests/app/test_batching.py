@@ -1,0 +1,127 @@
+"""MicroBatcher: concurrent requests share one model call and each gets exactly its own scores back."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from app.batching import MicroBatcher
+
+pytestmark = pytest.mark.anyio
+
+
+def reference_scores(token_ids: list[list[int]], patch_features: np.ndarray) -> np.ndarray:
+    """A pairwise score that depends on both halves of each pair, to catch a mis-sliced batch."""
+    return np.array([sum(ids) for ids in token_ids], np.float32) + patch_features.sum(axis=(1, 2))
+
+
+class RecordingScorer:
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.batches: list[int] = []
+        self.threads: set[str] = set()
+        self.delay_s = delay_s
+
+    def __call__(self, token_ids: list[list[int]], patch_features: np.ndarray) -> np.ndarray:
+        self.batches.append(len(token_ids))
+        self.threads.add(threading.current_thread().name)
+        if self.delay_s:
+            threading.Event().wait(self.delay_s)
+        return reference_scores(token_ids, patch_features)
+
+
+def request(seed: int, pairs: int) -> tuple[list[list[int]], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    token_ids = [list(rng.integers(0, 100, rng.integers(2, 6))) for _ in range(pairs)]
+    return token_ids, rng.standard_normal((pairs, 3, 2)).astype(np.float32)
+
+
+async def test_concurrent_requests_share_a_batch_and_get_their_own_slice() -> None:
+    scorer = RecordingScorer()
+    with ThreadPoolExecutor(1, thread_name_prefix="model") as executor:
+        batcher = MicroBatcher(scorer, executor, window_s=0.05, max_batch_pairs=1000)
+        requests = [request(seed, pairs) for seed, pairs in enumerate([3, 1, 7, 5, 2])]
+        results = await asyncio.gather(*(batcher.score(*r) for r in requests))
+        await batcher.close()
+    assert scorer.batches == [18]  # one model call for all five requests
+    for (token_ids, patches), scores in zip(requests, results, strict=True):
+        np.testing.assert_allclose(scores, reference_scores(token_ids, patches))
+    assert all(name.startswith("model") for name in scorer.threads)  # never on the event loop's thread
+
+
+async def test_batches_respect_the_maximum_and_keep_requests_whole() -> None:
+    scorer = RecordingScorer()
+    batcher = MicroBatcher(scorer, window_s=0.05, max_batch_pairs=8)
+    requests = [request(seed, 3) for seed in range(5)] + [request(99, 20)]
+    results = await asyncio.gather(*(batcher.score(*r) for r in requests))
+    await batcher.close()
+    assert scorer.batches == [6, 6, 3, 20]  # 3+3 fit in 8; a request bigger than a batch goes alone
+    for (token_ids, patches), scores in zip(requests, results, strict=True):
+        np.testing.assert_allclose(scores, reference_scores(token_ids, patches))
+
+
+async def test_requests_arriving_while_the_model_is_busy_form_the_next_batch() -> None:
+    scorer = RecordingScorer(delay_s=0.1)
+    batcher = MicroBatcher(scorer, window_s=0.0, max_batch_pairs=100)
+    first = asyncio.create_task(batcher.score(*request(0, 2)))
+    await asyncio.sleep(0.03)  # the first batch is now running
+    later = [asyncio.create_task(batcher.score(*request(seed, 2))) for seed in range(1, 6)]
+    await asyncio.gather(first, *later)
+    await batcher.close()
+    assert scorer.batches == [2, 10]
+
+
+async def test_a_lone_request_waits_no_longer_than_the_window() -> None:
+    batcher = MicroBatcher(RecordingScorer(), window_s=0.02, max_batch_pairs=100)
+    loop = asyncio.get_running_loop()
+    await batcher.score(*request(0, 1))  # first call starts the worker
+    start = loop.time()
+    await batcher.score(*request(1, 1))
+    assert loop.time() - start < 0.5
+    await batcher.close()
+
+
+async def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on() -> None:
+    calls = 0
+
+    def flaky(token_ids: list[list[int]], patch_features: np.ndarray) -> np.ndarray:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("out of memory")
+        return reference_scores(token_ids, patch_features)
+
+    batcher = MicroBatcher(flaky, window_s=0.02)
+    results = await asyncio.gather(*(batcher.score(*request(s, 2)) for s in range(3)), return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in results)
+    token_ids, patches = request(7, 4)
+    np.testing.assert_allclose(await batcher.score(token_ids, patches), reference_scores(token_ids, patches))
+    await batcher.close()
+
+
+async def test_cancelled_requests_are_not_scored() -> None:
+    scorer = RecordingScorer()
+    batcher = MicroBatcher(scorer, window_s=0.05)
+    gone = asyncio.create_task(batcher.score(*request(0, 5)))
+    kept = asyncio.create_task(batcher.score(*request(1, 2)))
+    await asyncio.sleep(0.01)
+    gone.cancel()
+    await kept
+    await batcher.close()
+    assert scorer.batches == [2]
+
+
+async def test_empty_requests_and_close_fail_waiters() -> None:
+    scorer = RecordingScorer(delay_s=0.2)
+    batcher = MicroBatcher(scorer, window_s=0.0, max_batch_pairs=1)
+    assert len(await batcher.score([], np.zeros((0, 3, 2), np.float32))) == 0
+    running = asyncio.create_task(batcher.score(*request(0, 1)))
+    queued = asyncio.create_task(batcher.score(*request(1, 1)))
+    await asyncio.sleep(0.05)
+    await batcher.close()
+    for task in (running, queued):
+        with pytest.raises((RuntimeError, asyncio.CancelledError)):
+            await task
