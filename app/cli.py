@@ -187,6 +187,225 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synthetic(args: argparse.Namespace) -> int:
+    from model.synthetic import SyntheticConfig, write_catalogue
+
+    path = write_catalogue(args.out, SyntheticConfig(items=args.items, seed=args.seed))
+    print(f"generated catalogue: --data jsonl:{path}")
+    return 0
+
+
+def _count_or_all(value: str) -> int | None:
+    if value == "all":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'all', got {value!r}")
+    return int(value)
+
+
+def _run_subcommand(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(list(argv))
+    return args.handler(args)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from app.quickstart import UpConfig, UpError, up
+
+    config = UpConfig(
+        state_dir=Path(args.state_dir),
+        data=args.data,
+        limit=args.limit,
+        budget_minutes=args.budget_minutes,
+        tiny=args.tiny,
+        device=args.device,
+        host=args.host,
+        port=args.port,
+        serve=not args.no_serve,
+    )
+    try:
+        return up(config, _run_subcommand)
+    except UpError as error:
+        print(f"fashionbert up: {error}", file=sys.stderr)
+        return 1
+
+
+# -- index: build, add, remove, info, verify (library: index/) ----------------------------------------
+
+
+def _index_inputs(args: argparse.Namespace):
+    """The model, the catalogues and a patch-feature source reading (and filling) the cache."""
+    from functools import partial
+
+    from model.catalogue import load_catalogue
+    from model.feature_cache import FeatureCache
+    from model.inference import FashionBertInference
+    from model.patch_features import PatchFeatureConfig, PatchFeatureExtractor
+
+    inference = FashionBertInference.from_checkpoint(args.model, device=args.device)
+    patch_config = PatchFeatureConfig.from_dict(inference.config.patch_features)
+    cache = FeatureCache(args.cache, PatchFeatureExtractor(patch_config, device=inference.device))
+    catalogues = [load_catalogue(spec, limit=args.limit) for spec in args.data]
+    features = partial(cache.features_for, batch_size=args.feature_batch_size, progress=False)
+    return inference, catalogues, features
+
+
+def _index_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Refusals (bad bundle, catalogue or checkpoint) print one clear line instead of a traceback."""
+
+    def handler(args: argparse.Namespace) -> int:
+        from index.bundle import BundleError
+        from model.catalogue import CatalogueError
+        from model.checkpoint import CheckpointError
+
+        try:
+            return run(args)
+        except (BundleError, CatalogueError, CheckpointError) as error:
+            print(f"fashionbert index {args.index_command}: {error}", file=sys.stderr)
+            return 1
+
+    return handler
+
+
+def _print_job(report, verb: str) -> None:
+    print(
+        f"{verb} {report.path}: {report.added} items added, {report.rows} rows in the bundle; skipped "
+        f"{report.skipped_unreadable} with unreadable images, {report.skipped_duplicate} already indexed; "
+        f"{report.seconds:.1f} s ({report.items_per_second:.0f} items/s)"
+    )
+    print("stages: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in report.stages.items()))
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from index.build import build_bundle
+    from index.config import IndexConfig
+
+    config = IndexConfig(
+        factory=args.factory,
+        nprobe=args.nprobe,
+        refine=args.refine,
+        patch_codec=args.patch_codec,
+        batch_size=args.batch_size,
+        use_gpu=not args.no_gpu,
+    )
+    inference, catalogues, features = _index_inputs(args)
+    _print_job(build_bundle(inference, catalogues, features, args.out, config), "built")
+    return 0
+
+
+def cmd_index_add(args: argparse.Namespace) -> int:
+    from index.build import add_to_bundle
+
+    inference, catalogues, features = _index_inputs(args)
+    _print_job(add_to_bundle(inference, args.bundle, catalogues, features), "updated")
+    return 0
+
+
+def cmd_index_remove(args: argparse.Namespace) -> int:
+    from index.build import remove_from_bundle
+
+    report = remove_from_bundle(args.bundle, args.ids)
+    print(f"{report.path}: {len(report.removed)} items marked removed")
+    if report.unknown:
+        print(f"not in the bundle (or already removed): {' '.join(report.unknown)}", file=sys.stderr)
+    return 0
+
+
+def cmd_index_info(args: argparse.Namespace) -> int:
+    import json
+
+    from index.bundle import read_manifest
+
+    manifest = read_manifest(args.bundle)
+    print(json.dumps(manifest, indent=2, sort_keys=True))
+    rows = max(1, manifest["counts"]["rows"])
+    total = sum(entry["bytes"] for entry in manifest["files"].values())
+    print(f"\n{'file':<20} {'bytes':>14} {'bytes/item':>11}")
+    for name, entry in sorted(manifest["files"].items(), key=lambda kv: -kv[1]["bytes"]):
+        print(f"{name:<20} {entry['bytes']:>14,} {entry['bytes'] / rows:>11,.0f}")
+    print(f"{'total':<20} {total:>14,} {total / rows:>11,.0f}")
+    counts = manifest["counts"]
+    print(f"{counts['live']} live items of {counts['rows']} rows ({counts['removed']} removed)")
+    return 0
+
+
+def cmd_index_verify(args: argparse.Namespace) -> int:
+    from index.bundle import Bundle
+    from model.inference import model_fingerprint
+
+    fingerprint = model_fingerprint(args.model) if args.model else None
+    with Bundle.open(args.bundle, expected_model_fingerprint=fingerprint, verify_checksums=True) as bundle:
+        files = len(bundle.manifest["files"])
+        match = ", built for this model" if fingerprint else ""
+        print(f"ok: {args.bundle}: {files} files match their sha256{match}; {bundle.size} live items")
+    return 0
+
+
+def _add_index_commands(sub: argparse._SubParsersAction) -> None:
+    help = "build, update and check FAISS index bundles (recall indexes, re-rank features, metadata)"
+    index = sub.add_parser("index", help=help, description=help)
+    commands = index.add_subparsers(dest="index_command", required=True, metavar="INDEX_COMMAND")
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = commands.add_parser(name, help=help, description=help)
+        p.set_defaults(handler=_index_errors(handler))
+        return p
+
+    def inputs(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, help="checkpoint folder (e.g. RUN/best)")
+        p.add_argument(
+            "--data",
+            required=True,
+            action="append",
+            metavar="SPEC",
+            help="catalogue as KIND:PATH (e.g. hm:../shared/data/hm); repeat to index several",
+        )
+        p.add_argument(
+            "--limit", type=int, default=None, help="read only the first N items of each catalogue"
+        )
+        _add_cache(p)
+        p.add_argument("--device", default="auto", help="auto, cpu or cuda (model towers and patch network)")
+        p.add_argument("--feature-batch-size", type=int, default=32, help="images per patch-network batch")
+
+    p = add("build", cmd_index_build, "encode a catalogue and write a new bundle (replaced in one step)")
+    inputs(p)
+    p.add_argument("--out", required=True, help="bundle folder to write")
+    p.add_argument(
+        "--factory",
+        default="auto",
+        help="faiss index_factory string for both indexes, {nlist} and {m} filled in; auto: Flat below "
+        "10k items, else OPQ+IVF+PQ (default: %(default)s)",
+    )
+    p.add_argument("--nprobe", type=int, default=64, help="default inverted lists probed per query")
+    p.add_argument(
+        "--refine",
+        choices=["", "SQ8", "SQfp16", "Flat"],
+        default="SQ8",
+        help="re-score the IVF-PQ shortlist with finer codes; Flat = exact (RFlat); '' = off",
+    )
+    p.add_argument("--patch-codec", default="PQ64", help="faiss codec of the re-rank patch features")
+    p.add_argument("--batch-size", type=int, default=128, help="items per model batch")
+    p.add_argument("--no-gpu", action="store_true", help="train and add on the CPU even with faiss-gpu")
+
+    p = add("add", cmd_index_add, "add new items to a bundle with its trained quantizers (no retraining)")
+    p.add_argument("bundle", help="bundle folder")
+    inputs(p)
+
+    p = add("remove", cmd_index_remove, "mark items removed (e.g. out of stock): search never returns them")
+    p.add_argument("bundle", help="bundle folder")
+    p.add_argument("ids", nargs="+", metavar="ID", help="item ids")
+
+    p = add("info", cmd_index_info, "print a bundle's manifest and the size of each part")
+    p.add_argument("bundle", help="bundle folder")
+
+    p = add(
+        "verify", cmd_index_verify, "check every file's checksum and, with --model, the model fingerprint"
+    )
+    p.add_argument("bundle", help="bundle folder")
+    p.add_argument("--model", default=None, help="checkpoint folder the bundle must have been built with")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fashionbert",
@@ -265,6 +484,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="processes, each with its own model copy")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
 
+    p = add(
+        "up",
+        cmd_up,
+        "one command from a fresh checkout to a running service: pick or generate a catalogue, train a "
+        "small model if there is none, build the index if missing, serve on localhost:8000",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="SPEC",
+        help="catalogue KIND:PATH, or 'synthetic' for the generated one "
+        "(default: hm:../shared/data/hm if present, else the generated one)",
+    )
+    p.add_argument(
+        "--limit",
+        type=_count_or_all,
+        default=2000,
+        help="use the first N items, or 'all' (default: %(default)s, for speed)",
+    )
+    p.add_argument(
+        "--state-dir", default=".fashionbert", help="model, bundles and caches (default: %(default)s)"
+    )
+    p.add_argument(
+        "--budget-minutes", type=float, default=5.0, help="training time when no model exists (default: 5)"
+    )
+    p.add_argument("--tiny", action="store_true", help="train a tiny random BERT (smoke tests)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--no-serve", action="store_true", help="prepare the model and the index, then stop")
+
+    p = add("synthetic", cmd_synthetic, "generate a catalogue of rendered garments (a jsonl: catalogue)")
+    p.add_argument("--out", required=True, help="folder to write (catalogue.jsonl, images/)")
+    p.add_argument("--items", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+
+    _add_index_commands(sub)
     return parser
 
 

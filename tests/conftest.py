@@ -19,11 +19,45 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
-def hm_slice(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
+def feature_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's patch-feature cache folder (`--cache` for CLI tests): `hm_slice` fills it."""
+    return tmp_path_factory.mktemp("feature-cache")
+
+
+@pytest.fixture(scope="session")
+def hm_slice(shared_data: Path, feature_cache_dir: Path):
     """(catalogue, float16 patch features) of the first 64 H&M items, through the real EfficientNet once."""
     from model.catalogue import load_catalogue
     from model.data import catalogue_features
     from model.patch_features import PatchFeatureConfig
 
     catalogue = load_catalogue(f"hm:{shared_data / 'hm'}", limit=64)
-    return catalogue_features(catalogue, tmp_path_factory.mktemp("feature-cache"), PatchFeatureConfig())
+    return catalogue_features(catalogue, feature_cache_dir, PatchFeatureConfig())
+
+
+TINY_BERT = dict(
+    vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved checkpoint of a tiny random FashionBERT (hidden 64, 2 layers, embed 32) with the real tokenizer."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from model.checkpoint import save_checkpoint
+    from model.config import DEFAULT_TEXT_MODEL, FashionBertConfig, resolve_text_model
+    from model.fashionbert import FashionBert
+    from model.patch_features import PatchFeatureConfig
+
+    torch.manual_seed(0)
+    config = FashionBertConfig(
+        bert=dict(TINY_BERT),
+        patch_feature_dim=1280,
+        num_patches=64,
+        embed_dim=32,
+        patch_features=PatchFeatureConfig().to_dict(),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(resolve_text_model(DEFAULT_TEXT_MODEL))
+    return save_checkpoint(FashionBert(config), tokenizer, tmp_path_factory.mktemp("tiny") / "checkpoint", {})
