@@ -16,7 +16,6 @@ faiss indexes and pickle-free .npy files are read, and only from inside the bund
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import sqlite3
 import threading
@@ -30,6 +29,7 @@ import numpy as np
 from index import metadata
 from index.codec import decode_patches
 from index.search import RowFilter, filtered_search, row_filter
+from model.files import sha256_file as file_sha256
 
 FORMAT = "fashionbert-index"
 FORMAT_VERSION = 1
@@ -43,14 +43,6 @@ FILES = (IMAGE_INDEX, TEXT_INDEX, PATCH_CODEC, PATCH_CODES, TOKEN_IDS, TOKEN_LEN
 
 class BundleError(ValueError):
     """A bundle that is missing, incomplete, tampered with, of another format version or another model."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_entries(folder: Path, names: Sequence[str] = FILES) -> dict[str, dict[str, Any]]:

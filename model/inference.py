@@ -6,7 +6,6 @@ Owns the device, the bf16 autocast and tokenization, so callers never touch torc
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from model.checkpoint import WEIGHTS_FILE, load_checkpoint
 from model.fashionbert import FashionBert
+from model.files import sha256_file
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -118,11 +118,7 @@ class FashionBertInference:
 
 def model_fingerprint(path: str | Path) -> str:
     """sha256 of the checkpoint's weights file: what an index bundle records to refuse a wrong model."""
-    digest = hashlib.sha256()
-    with open(Path(path) / WEIGHTS_FILE, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(Path(path) / WEIGHTS_FILE)
 
 
 def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from model.files import sha256_file
 from model.patches import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, letterbox, normalize
 
 # Bump when preprocessing or pooling changes the features a config produces, so caches keyed by
@@ -176,14 +177,6 @@ class PatchFeatureConfig:
 # Extractor
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class PatchFeatureExtractor(nn.Module):
     """Frozen pretrained CNN: letterboxed images -> (B, N, D) patch features. Always in eval mode."""
 
@@ -265,7 +258,7 @@ class PatchFeatureExtractor(nn.Module):
 
     @cached_property
     def weights_sha256(self) -> str:
-        return _file_sha256(self.weights_path)
+        return sha256_file(self.weights_path)
 
     def fingerprint(self) -> str:
         """sha256 over the config, the weight file's contents and FEATURES_VERSION."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import random
 import shutil
 import tempfile
@@ -19,6 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from model.files import replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -309,13 +310,7 @@ def write_catalogue(out: str | Path, config: SyntheticConfig | None = None) -> P
             lines.append(json.dumps(record, sort_keys=True))
         (tmp / CATALOGUE_FILE).write_text("\n".join(lines) + "\n")
         (tmp / CONFIG_FILE).write_text(json.dumps(asdict(config), sort_keys=True) + "\n")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
