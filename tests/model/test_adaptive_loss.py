@@ -92,7 +92,7 @@ def test_adaptive_loss_uses_gradients_of_shared_parameters() -> None:
     weighted = loss(losses)
     assert set(weighted.weights) == {"a", "b"}
     assert abs(sum(weighted.weights.values()) - 1) < 1e-9
-    expected_total = sum(weighted.weights[n] * float(v) for n, v in losses.items())
+    expected_total = sum(weighted.weights[n] * float(v.detach()) for n, v in losses.items())
     assert float(weighted.total) == pytest.approx(expected_total, rel=1e-5)
 
 
