@@ -47,9 +47,8 @@ def patch_vectors(spec: str, cache_root: str, queries: int, dim: int) -> tuple[n
     from model.patch_features import PatchFeatureConfig, PatchFeatureExtractor
 
     catalogue = load_catalogue(spec)
-    _, features = FeatureCache(cache_root, PatchFeatureExtractor(PatchFeatureConfig())).features_for(
-        catalogue
-    )
+    cache = FeatureCache(cache_root, PatchFeatureExtractor(PatchFeatureConfig()))
+    _, features = cache.features_for(catalogue, progress=False)
     pooled = np.ascontiguousarray(features.astype(np.float32).mean(1))
     pca = faiss.PCAMatrix(pooled.shape[1], dim)
     pca.train(pooled)
@@ -72,7 +71,7 @@ def model_vectors(model: str, specs: list[str], cache_root: str, limit: int | No
     )
     images, texts = [], []
     for spec in specs:
-        kept, features = cache.features_for(load_catalogue(spec, limit=limit))
+        kept, features = cache.features_for(load_catalogue(spec, limit=limit), progress=False)
         images.append(inference.encode_images(features))
         texts.append(inference.encode_texts([item.text for item in kept.items]))
     images, texts = np.concatenate(images), np.concatenate(texts)
@@ -121,7 +120,7 @@ def main() -> None:
     for refine in args.refine.split(","):
         config = IndexConfig(factory=args.factory, exact_below=0, refine="" if refine == "none" else refine)
         started = time.perf_counter()
-        index, factory = build_index(base, config)
+        index, factory, _ = build_index(base, config)
         build_s = time.perf_counter() - started
         for nprobe in map(int, args.nprobe.split(",")):
             search = functools.partial(filtered_search, index, queries, args.k, nprobe=nprobe)

@@ -151,12 +151,12 @@ def add_vectors(index: faiss.Index, vectors: np.ndarray, use_gpu: bool = True) -
     return index
 
 
-def build_index(vectors: np.ndarray, config: IndexConfig) -> tuple[faiss.Index, str]:
-    """Choose, train and fill an index over normalised (n, d) vectors: (CPU index, factory string)."""
+def build_index(vectors: np.ndarray, config: IndexConfig) -> tuple[faiss.Index, str, int]:
+    """Choose, train and fill an index over normalised (n, d) vectors: (CPU index, factory, trained on)."""
     assert vectors.ndim == 2 and len(vectors) > 0, "build_index needs a non-empty (n, d) array"
     factory = choose_factory(len(vectors), vectors.shape[1], config)
     index = new_index(factory, vectors.shape[1], config)
     trained_on = train_index(index, vectors, config)
     index = add_vectors(index, vectors, config.use_gpu)
     logger.info("built %s over %d vectors (trained on %d)", factory, index.ntotal, trained_on)
-    return index, factory
+    return index, factory, trained_on

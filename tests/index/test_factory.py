@@ -73,9 +73,9 @@ def test_ivfpq_recall_against_exact_inner_product() -> None:
     _, truth = exact.search(queries, k)
     chance = k / len(base)
 
-    plain, factory = build_index(base, IndexConfig(exact_below=0, refine="", nprobe=16))
+    plain, factory, _ = build_index(base, IndexConfig(exact_below=0, refine="", nprobe=16))
     assert factory.startswith("OPQ8,IVF128,PQ8")
-    refined, _ = build_index(base, IndexConfig(exact_below=0, refine="SQ8", nprobe=16))
+    refined, _, _ = build_index(base, IndexConfig(exact_below=0, refine="SQ8", nprobe=16))
     _, approx = filtered_search(plain, queries, k)
     _, approx_refined = filtered_search(refined, queries, k)
     recall, recall_refined = overlap_at_k(approx, truth), overlap_at_k(approx_refined, truth)
@@ -113,5 +113,25 @@ def test_gpu_failure_falls_back_to_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", no_gpu, raising=False)
     monkeypatch.setattr(faiss, "GpuMultipleClonerOptions", lambda: type("Options", (), {})(), raising=False)
     base = clustered(3_000, 16, seed=4)
-    built, factory = build_index(base, IndexConfig(factory="IVF32,Flat"))
+    built, factory, _ = build_index(base, IndexConfig(factory="IVF32,Flat"))
     assert built.ntotal == 3_000 and built.is_trained and factory == "IVF32,Flat"
+
+
+def test_cross_modal_queries_across_a_modality_gap() -> None:
+    """Text and image embeddings of one item agree but sit in two cones (the modality gap): text queries
+    into the image index must still find their items, so each index trains on its own modality."""
+    items = clustered(6_000, 32, seed=5)
+    gap = np.zeros(32, np.float32)
+    gap[0] = 1.5
+    images = items + gap
+    texts = items - gap + 0.1 * np.random.default_rng(6).standard_normal(items.shape).astype(np.float32)
+    images /= np.linalg.norm(images, axis=1, keepdims=True)
+    texts /= np.linalg.norm(texts, axis=1, keepdims=True)
+    index, factory, _ = build_index(images, IndexConfig(exact_below=0))
+    assert "IVF" in factory
+    _, found = filtered_search(index, texts[:200], 10)
+    assert np.all(found >= 0), "every text query fills its k image results"
+    exact = faiss.IndexFlatIP(32)
+    exact.add(images)
+    _, truth = exact.search(texts[:200], 10)
+    assert overlap_at_k(found, truth) > 0.8
