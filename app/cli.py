@@ -70,7 +70,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def _model_and_patch_config(args: argparse.Namespace):
-    from model.config import FashionBertConfig
+    from model.config import TINY_BERT, FashionBertConfig
     from model.patch_features import PatchFeatureConfig
 
     patch_config = PatchFeatureConfig(mode=args.patch_mode, grid=args.grid)
@@ -82,13 +82,7 @@ def _model_and_patch_config(args: argparse.Namespace):
         max_text_len=args.max_text_len,
     )
     if args.tiny:
-        config.bert = dict(
-            vocab_size=30522,
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=128,
-        )
+        config.bert = dict(TINY_BERT)
     return config, patch_config
 
 

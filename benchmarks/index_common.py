@@ -13,14 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from model.config import TINY_BERT
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the first OpenMP user (faiss, torch)
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-
-TINY_BERT = dict(
-    vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128
-)
 
 
 def stand_in_checkpoint(out: Path, size: str = "tiny", embed_dim: int = 256) -> Path:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from model.catalogue import Catalogue, Item
-from model.config import FashionBertConfig
+from model.config import TINY_BERT, FashionBertConfig
 from model.data import grouped_batches, prepare_data
 from model.training import TrainConfig, Trainer, build_model
 
@@ -52,13 +52,7 @@ def main() -> None:
         torch.manual_seed(0)
         config = FashionBertConfig()
         if args.tiny:
-            config.bert = dict(
-                vocab_size=30522,
-                hidden_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=128,
-            )
+            config.bert = dict(TINY_BERT)
         model, tokenizer = build_model(config, pretrained=not args.tiny)
         features = rng.standard_normal((n, config.num_patches, config.patch_feature_dim)).astype(np.float16)
         data = prepare_data(Catalogue("bench", "bench", items), features, tokenizer, config.max_text_len)

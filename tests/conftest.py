@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from model.config import TINY_BERT
+
 # The real catalogues sit beside the repository, at ../shared/data, read-only.
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -33,11 +35,6 @@ def hm_slice(shared_data: Path, feature_cache_dir: Path):
 
     catalogue = load_catalogue(f"hm:{shared_data / 'hm'}", limit=64)
     return catalogue_features(catalogue, feature_cache_dir, PatchFeatureConfig())
-
-
-TINY_BERT = dict(
-    vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128
-)
 
 
 @pytest.fixture(scope="session")

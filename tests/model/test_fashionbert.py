@@ -9,13 +9,9 @@ import torch
 from transformers import AutoTokenizer, BertModel
 
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from model.config import DEFAULT_TEXT_MODEL, FashionBertConfig, resolve_text_model
+from model.config import DEFAULT_TEXT_MODEL, TINY_BERT, FashionBertConfig, resolve_text_model
 from model.fashionbert import FashionBert, FashionBertForPretraining
 from model.inference import FashionBertInference
-
-TINY_BERT = dict(
-    vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128
-)
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,12 @@ import json
 import numpy as np
 import torch
 
-from model.config import FashionBertConfig
+from model.config import TINY_BERT, FashionBertConfig
 from model.data import prepare_data
 from model.evaluation import EvalConfig, evaluate_sampled
 from model.inference import FashionBertInference
 from model.patch_features import PatchFeatureConfig
 from model.training import TrainConfig, Trainer, build_model
-
-TINY_BERT = dict(
-    vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128
-)
 
 
 def tiny_trainer(hm_slice, out, **overrides) -> Trainer:
