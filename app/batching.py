@@ -132,11 +132,11 @@ class MicroBatcher:
                     if not item.future.done():
                         item.future.set_exception(RuntimeError("the re-ranker shut down"))
                 raise
-            except Exception as error:  # one bad batch fails its requests, not the batcher
-                logger.exception("re-rank batch of %d pairs failed", len(token_ids))
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(error)
+            except Exception:  # one bad request fails itself, not its batch-mates nor the batcher
+                logger.exception(
+                    "re-rank batch of %d pairs failed; scoring its requests one by one", len(token_ids)
+                )
+                await self._score_alone(batch)
                 continue
             if self.on_batch is not None:
                 self.on_batch(len(token_ids), len(batch), time.perf_counter() - start)
@@ -145,3 +145,25 @@ class MicroBatcher:
                 if not item.future.done():
                     item.future.set_result(scores[offset : offset + len(item)])
                 offset += len(item)
+
+    async def _score_alone(self, batch: list[_Pending]) -> None:
+        """After a failed batch, score each request by itself so only the one that fails gets the error."""
+        loop = asyncio.get_running_loop()
+        for item in batch:
+            if item.future.done():
+                continue
+            try:
+                scores = await loop.run_in_executor(
+                    self.executor, self.score_fn, [list(ids) for ids in item.token_ids], item.patch_features
+                )
+            except asyncio.CancelledError:
+                for waiting in batch:
+                    if not waiting.future.done():
+                        waiting.future.set_exception(RuntimeError("the re-ranker shut down"))
+                raise
+            except Exception as error:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            else:
+                if not item.future.done():
+                    item.future.set_result(scores)

@@ -36,7 +36,10 @@ def _add_model_shape(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--tiny", action="store_true", help="a tiny random BERT (tests, smoke runs)")
     p.add_argument(
-        "--max-text-len", type=int, default=64, help="word pieces per text, [CLS] and [SEP] included"
+        "--max-text-len", type=int, default=48, help="word pieces per text, [CLS] and [SEP] included"
+    )
+    p.add_argument(
+        "--patch-pool", type=int, default=2, help="average k x k neighbouring patches before the encoder"
     )
     p.add_argument("--patch-mode", choices=["whole", "per_patch"], default="whole")
     p.add_argument("--grid", type=int, default=8, help="patches per side (default: %(default)s)")
@@ -80,6 +83,7 @@ def _model_and_patch_config(args: argparse.Namespace):
         num_patches=patch_config.num_patches,
         patch_features=patch_config.to_dict(),
         max_text_len=args.max_text_len,
+        patch_pool=args.patch_pool,
     )
     if args.tiny:
         config.bert = dict(TINY_BERT)
@@ -91,8 +95,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from model.catalogue import load_catalogue
     from model.data import catalogue_features, prepare_data, split_with_features
-    from model.training import TrainConfig, Trainer, build_model
+    from model.training import TASKS, TrainConfig, Trainer, build_model
 
+    tasks = tuple(args.tasks.split(","))
+    if unknown := set(tasks) - set(TASKS):
+        raise SystemExit(f"error: unknown tasks {sorted(unknown)}; choose from {','.join(TASKS)}")
     torch.manual_seed(args.seed)
     config, patch_config = _model_and_patch_config(args)
     catalogue = load_catalogue(args.data, limit=args.limit)
@@ -107,6 +114,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         budget_minutes=args.budget_minutes,
         learning_rate=args.lr,
+        head_learning_rate=10 * args.lr,
+        warmup_steps=args.warmup_steps,
+        negative_temperature=args.negative_temperature or None,
+        tasks=tasks,
         adaptive=not args.fixed_weights,
         seed=args.seed,
         validate_every=args.validate_every,
@@ -171,13 +182,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Worker processes build their own app from the environment: pass the flags on through it.
         for name, value in overrides.items():
             os.environ[f"FASHIONBERT_{name.upper()}"] = str(value)
-        Settings()  # fail here, once, on a bad configuration
-        uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port, workers=args.workers)
+        uvicorn.run(
+            "app.main:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            timeout_graceful_shutdown=Settings().shutdown_timeout_s,
+        )
         return 0
 
     from app.main import create_app
 
-    uvicorn.run(create_app(Settings(**overrides)), host=args.host, port=args.port)
+    settings = Settings(**overrides)
+    # On SIGTERM uvicorn stops accepting, lets in-flight requests finish for this long, then closes the rest.
+    uvicorn.run(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+    )
     return 0
 
 
@@ -440,7 +464,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--epochs", type=float, default=None, help="stop after this many passes over the train split"
     )
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-5, help="encoder learning rate (new heads use 10x)")
+    p.add_argument("--lr", type=float, default=1e-4, help="encoder learning rate (new parts use 10x)")
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument(
+        "--negative-temperature",
+        type=float,
+        default=0.05,
+        help="draw hard negatives by tower similarity at this temperature; 0 = uniform (the paper)",
+    )
+    p.add_argument(
+        "--tasks",
+        default="mlm,mpm,alignment,contrastive",
+        help="comma-separated subset of %(default)s (ablations)",
+    )
     p.add_argument(
         "--fixed-weights",
         action="store_true",

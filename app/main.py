@@ -33,10 +33,13 @@ _UPLOAD_PATHS = frozenset({"/search/image"})
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Start loading in the background; on shutdown stop the batcher and the model thread."""
+    """Start loading in the background (or, with `exit_on_startup_error`, before serving, so a bad bundle
+    fails start-up and the process exits non-zero); on shutdown stop the batcher and the model thread."""
     settings: Settings = app.state.settings
     if app.state.loader is load_service:
         _check_configured(settings)  # fail fast on a missing path rather than serve 503 forever
+    if settings.exit_on_startup_error:
+        await _load(app)
     loading = asyncio.create_task(_load(app), name="load-service")
     try:
         yield
@@ -49,12 +52,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 async def _load(app: FastAPI) -> None:
+    if app.state.service is not None:
+        return
     try:
         service = await asyncio.to_thread(app.state.loader, app.state.settings, app.state.metrics)
         await service.start()  # warm-up: one text and one image search through every stage
     except Exception as error:  # keep the process up and say why on /readyz; the log has the traceback
         logger.exception("the search service failed to start")
         app.state.startup_error = f"startup failed: {error}"
+        if app.state.settings.exit_on_startup_error:
+            raise
         return
     app.state.service = service
     logger.info("ready: model %s, index %s", service.model_info, service.index_info())

@@ -13,11 +13,11 @@ import io
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -31,6 +31,7 @@ from app.settings import Settings
 logger = logging.getLogger(__name__)
 
 Modality = Literal["text", "image"]
+_T = TypeVar("_T")
 
 
 class SearchBundle(Protocol):
@@ -254,13 +255,18 @@ class SearchService:
             bundle = bundle if bundle is not None else self.bundle  # this request's bundle, to the end
             timer = _StageTimer()
             with timer("encode"):
-                token_ids, embedding = await self._in_model_thread(self._encode_text, query)
+                token_ids, embedding = await self._stage(
+                    "encode", self._in_model_thread(self._encode_text, query)
+                )
             with timer("recall"):
-                rows, recall_scores = await asyncio.to_thread(
-                    self._recall, bundle, bundle.search_images, embedding, options
+                rows, recall_scores = await self._stage(
+                    "recall",
+                    asyncio.to_thread(self._recall, bundle, bundle.search_images, embedding, options),
                 )
             with timer("rerank"):
-                rerank_scores = await self._rerank(bundle, rows, options, query_tokens=token_ids)
+                rerank_scores = await self._stage(
+                    "rerank", self._rerank(bundle, rows, options, query_tokens=token_ids)
+                )
             return self._outcome(bundle, "text", rows, recall_scores, rerank_scores, options, timer, record)
 
     async def search_image(
@@ -279,17 +285,44 @@ class SearchService:
                 if isinstance(
                     image, bytes
                 ):  # decoding is CPU work too: off the event loop, not on the model's thread
-                    image = await asyncio.to_thread(decode_image, image, self.settings.max_image_pixels)
-                patch_features, embedding = await self._in_model_thread(self._encode_image, image)
+                    image = await self._stage(
+                        "decode",
+                        asyncio.to_thread(decode_image, image, self.settings.max_image_pixels),
+                        self.settings.decode_timeout_s,
+                    )
+                patch_features, embedding = await self._stage(
+                    "encode", self._in_model_thread(self._encode_image, image)
+                )
             with timer("recall"):
-                rows, recall_scores = await asyncio.to_thread(
-                    self._recall, bundle, bundle.search_texts, embedding, options
+                rows, recall_scores = await self._stage(
+                    "recall", asyncio.to_thread(self._recall, bundle, bundle.search_texts, embedding, options)
                 )
             with timer("rerank"):
-                rerank_scores = await self._rerank(bundle, rows, options, query_patches=patch_features)
+                rerank_scores = await self._stage(
+                    "rerank", self._rerank(bundle, rows, options, query_patches=patch_features)
+                )
             return self._outcome(bundle, "image", rows, recall_scores, rerank_scores, options, timer, record)
 
     # -- stages ---------------------------------------------------------------------------------------
+
+    async def _stage(self, name: str, work: Awaitable[_T], timeout_s: float | None = None) -> _T:
+        """One stage under its time limit: past it 504, an unexpected failure 503, both as JSON errors.
+
+        A timed-out model call cannot be interrupted; it finishes on the model thread, unanswered.
+        """
+        timeout_s = timeout_s if timeout_s is not None else self.settings.stage_timeout_s
+        try:
+            return await asyncio.wait_for(work, timeout_s)
+        except ApiError:
+            raise
+        except asyncio.TimeoutError as error:  # the builtin TimeoutError only from 3.11
+            logger.warning("the %s stage took longer than %g s", name, timeout_s)
+            raise ApiError(
+                504, "stage_timeout", f"the {name} stage took longer than {timeout_s:g} s"
+            ) from error
+        except Exception as error:
+            logger.exception("the %s stage failed", name)
+            raise ApiError(503, "stage_failed", f"the {name} stage failed; retry shortly") from error
 
     def _encode_text(self, query: str) -> tuple[list[int], np.ndarray]:
         token_ids = self.inference.tokenize([query])  # truncated to the model's text length

@@ -24,6 +24,11 @@ class Settings(BaseSettings):
     nprobe: int | None = Field(default=None, ge=1)  # IVF lists probed per query; None = the bundle's choice
     warm_up: bool = True  # one text and one image search through the whole path before /readyz says ready
     torch_threads: int | None = Field(default=None, ge=1)
+    # A bundle or model that fails to load: False keeps the process up with /readyz 503 and the reason;
+    # True makes start-up fail so the process exits non-zero (for supervisors that restart or alert).
+    exit_on_startup_error: bool = False
+    # Seconds `fashionbert serve` lets in-flight requests finish after SIGTERM before closing them.
+    shutdown_timeout_s: float = Field(default=30.0, gt=0)
 
     # Search options: defaults a request gets when it says nothing, maxima it may not exceed.
     default_k: int = Field(default=10, ge=1)
@@ -50,6 +55,10 @@ class Settings(BaseSettings):
     batch_window_ms: float = Field(default=2.0, ge=0.0)
     max_batch_pairs: int = Field(default=256, ge=1)
     max_queue_depth: int = Field(default=64, ge=1)  # searches in flight beyond this get 503
+
+    # Per-stage time limits: a stage past its limit answers 504, so one stuck request cannot hold a client.
+    decode_timeout_s: float = Field(default=10.0, gt=0)  # decoding an uploaded image
+    stage_timeout_s: float = Field(default=30.0, gt=0)  # each of encode, recall and re-rank
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -33,7 +33,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         413: "upload over the byte or pixel limit",
         415: "wrong content type, or a file that is not a supported image",
         422: "invalid options, empty query, unknown filter, corrupt image",
-        503: "model still loading, or too many searches in flight",
+        503: "model still loading, too many searches in flight (with Retry-After), or a stage failed",
+        504: "a stage (decode, encode, recall, re-rank) took longer than its configured limit",
     }.items()
 }
 

@@ -84,19 +84,27 @@ async def test_a_lone_request_waits_no_longer_than_the_window() -> None:
     await batcher.close()
 
 
-async def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on() -> None:
-    calls = 0
+async def test_a_failing_request_fails_alone_and_the_batcher_goes_on() -> None:
+    poison = -1  # a token id that makes the model raise, wherever it sits in a batch
+    calls: list[int] = []
 
-    def flaky(token_ids: list[list[int]], patch_features: np.ndarray) -> np.ndarray:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise RuntimeError("out of memory")
+    def fragile(token_ids: list[list[int]], patch_features: np.ndarray) -> np.ndarray:
+        calls.append(len(token_ids))
+        if any(poison in ids for ids in token_ids):
+            raise RuntimeError("the model failed on this input")
         return reference_scores(token_ids, patch_features)
 
-    batcher = MicroBatcher(flaky, window_s=0.02)
-    results = await asyncio.gather(*(batcher.score(*request(s, 2)) for s in range(3)), return_exceptions=True)
-    assert all(isinstance(r, RuntimeError) for r in results)
+    batcher = MicroBatcher(fragile, window_s=0.05)
+    good = [request(seed, 2) for seed in range(3)]
+    bad_ids, bad_patches = request(9, 2)
+    bad_ids[1] = [poison]
+    results = await asyncio.gather(
+        *(batcher.score(*r) for r in good), batcher.score(bad_ids, bad_patches), return_exceptions=True
+    )
+    assert isinstance(results[-1], RuntimeError)
+    for (token_ids, patches), scores in zip(good, results[:-1], strict=True):
+        np.testing.assert_allclose(scores, reference_scores(token_ids, patches))
+    assert calls == [8, 2, 2, 2, 2]  # the shared batch failed, then each request was scored by itself
     token_ids, patches = request(7, 4)
     np.testing.assert_allclose(await batcher.score(token_ids, patches), reference_scores(token_ids, patches))
     await batcher.close()
