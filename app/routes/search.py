@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -32,7 +33,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         403: "wrong API key",
         413: "upload over the byte or pixel limit",
         415: "wrong content type, or a file that is not a supported image",
-        422: "invalid options, empty query, unknown filter, corrupt image",
+        422: "invalid options, empty or unprintable query, unknown filter, corrupt image",
         503: "model still loading, too many searches in flight (with Retry-After), or a stage failed",
         504: "a stage (decode, encode, recall, re-rank) took longer than its configured limit",
     }.items()
@@ -57,6 +58,10 @@ async def search_text(body: TextSearchRequest, service: ServiceDep, settings: Se
     query = body.query.strip()
     if not query:
         raise ApiError(422, "empty_query", "the query is empty")
+    if not is_printable_text(query):
+        raise ApiError(
+            422, "invalid_query", "the query holds control characters, NUL bytes or unpaired surrogates"
+        )
     if len(query) > settings.max_query_chars:
         raise ApiError(
             422,
@@ -93,6 +98,21 @@ async def search_image(
     options = search_options({key: value for key, value in chosen.items() if value is not None}, settings)
     data = await read_upload(form.file, settings.max_upload_bytes)
     return to_response(await service.search_image(data, options), options)
+
+
+# C0 controls other than tab, newline and carriage return, and DEL: nothing a shopper types.
+_CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def is_printable_text(text: str) -> bool:
+    """No control characters and valid Unicode throughout (JSON can carry lone surrogates, UTF-8 cannot)."""
+    if _CONTROL_CHARACTERS.search(text):
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def search_options(params: dict[str, Any], settings: Settings) -> SearchOptions:
