@@ -7,6 +7,7 @@ exposes the task heads' outputs. Losses live in `model/losses.py`, not here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,17 +29,29 @@ class PatchEmbeddings(nn.Module):
         super().__init__()
         hidden = bert_config.hidden_size
         self.projection = nn.Linear(config.patch_feature_dim, hidden)
-        self.grid_position = nn.Embedding(config.num_patches, hidden)
+        self.grid_position = nn.Embedding(config.num_patches // config.patch_pool**2, hidden)
         self.layer_norm = nn.LayerNorm(hidden, eps=bert_config.layer_norm_eps)
         self.dropout = nn.Dropout(bert_config.hidden_dropout_prob)
 
     def forward(self, patch_features: torch.Tensor, segment_embedding: torch.Tensor) -> torch.Tensor:
-        # patch_features: (B, N, D) -> (B, N, H)
+        # patch_features: (B, N, D) pooled patches -> (B, N, H)
         n = patch_features.shape[1]
         positions = torch.arange(n, device=patch_features.device)
         x = self.projection(patch_features.to(self.projection.weight.dtype))
         x = x + self.grid_position(positions) + segment_embedding
         return self.dropout(self.layer_norm(x))
+
+
+def pool_patches(patch_features: torch.Tensor, pool: int) -> torch.Tensor:
+    """Average `pool` x `pool` neighbouring patches of a square, row-major grid: (B, N, D) -> (B, N / pool^2, D)."""
+    if pool == 1:
+        return patch_features
+    b, n, d = patch_features.shape
+    grid = math.isqrt(n)
+    assert grid * grid == n and grid % pool == 0, f"{n} patches do not pool {pool} x {pool}"
+    x = patch_features.reshape(b, grid, grid, d).permute(0, 3, 1, 2)  # (B, D, G, G)
+    x = F.avg_pool2d(x.float(), pool).to(patch_features.dtype)  # (B, D, G / pool, G / pool)
+    return x.flatten(2).transpose(1, 2)  # (B, N / pool^2, D)
 
 
 class FashionBert(nn.Module):
@@ -57,9 +70,19 @@ class FashionBert(nn.Module):
         # of the pooled text and patch states of the same joint pass: the product hands the classifier the
         # multiplicative text-image interaction that [CLS] alone only reaches after long training.
         self.alignment_head = nn.Linear(2 * hidden, 1)
-        # One-modality towers share the encoder; each has its own projection into the recall space.
+        # The alignment logit adds the towers' cosine at a learned scale: the cross-encoder learns what the
+        # towers miss instead of relearning, from a few thousand pairs, what they already know.
+        self.tower_scale = nn.Parameter(torch.tensor(10.0))
+        # Text tower: the shared encoder on the text alone, mean-pooled and projected.
         self.text_projection = nn.Linear(hidden, config.embed_dim)
-        self.image_projection = nn.Linear(hidden, config.embed_dim)
+        # Image tower: the patch network's features pooled over the image and projected by a small MLP,
+        # so recall embeddings cost no encoder pass (index builds and image queries stay cheap).
+        self.image_projection = nn.Sequential(
+            nn.LayerNorm(config.patch_feature_dim),
+            nn.Linear(config.patch_feature_dim, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, config.embed_dim),
+        )
         self.logit_scale = nn.Parameter(torch.tensor(2.6593))  # log(1 / 0.07), as CLIP
 
     @classmethod
@@ -81,23 +104,30 @@ class FashionBert(nn.Module):
         )
         return self.bert.encoder(embeddings, attention_mask=mask).last_hidden_state
 
+    def pool_patches(self, patch_features: torch.Tensor) -> torch.Tensor:
+        """The patch network's grid -> the coarser grid the encoder reads (see `patch_pool`)."""
+        return pool_patches(patch_features, self.config.patch_pool)
+
     def joint_hidden(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, patch_features: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, patches: torch.Tensor
     ) -> torch.Tensor:
-        """Encode `[CLS] text [SEP] patches`: (B, T) ids + (B, N, D) patches -> (B, T + N, H)."""
+        """Encode `[CLS] text [SEP] patches`: (B, T) ids + (B, N, D) pooled patches -> (B, T + N, H)."""
         text = self.bert.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
-        image = self.patch_embeddings(patch_features, self._image_segment())
+        image = self.patch_embeddings(patches, self._image_segment())
         patch_mask = attention_mask.new_ones(image.shape[:2])
         hidden = torch.cat([text, image], dim=1)  # (B, T + N, H)
         return self._encode(hidden, torch.cat([attention_mask, patch_mask], dim=1))
 
-    def alignment_logits(self, joint_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Text-image alignment logit of a joint pass: (B, T + N, H) with the (B, T) text mask -> (B,)."""
+    def alignment_logits(
+        self, joint_hidden: torch.Tensor, attention_mask: torch.Tensor, tower_similarity: torch.Tensor
+    ) -> torch.Tensor:
+        """Alignment logit of a joint pass: (B, T + N, H), the (B, T) text mask and the pairs' (B,) tower
+        cosine -> (B,)."""
         text_len = attention_mask.shape[1]
         text = _mean_pool(joint_hidden[:, :text_len], attention_mask)  # (B, H)
         patches = joint_hidden[:, text_len:].mean(1)  # (B, H)
         features = torch.cat([self.bert.pooler(joint_hidden), text * patches], dim=-1)  # (B, 2H)
-        return self.alignment_head(features).squeeze(-1)
+        return self.alignment_head(features).squeeze(-1).float() + self.tower_scale * tower_similarity
 
     # -- outward face ------------------------------------------------------------------------------------
 
@@ -108,17 +138,20 @@ class FashionBert(nn.Module):
 
     def encode_image(self, patch_features: torch.Tensor) -> torch.Tensor:
         """Image patches alone -> L2-normalised recall embedding (B, E)."""
-        embeddings = self.patch_embeddings(patch_features, self._image_segment())  # (B, N, H)
-        mask = embeddings.new_ones(embeddings.shape[:2], dtype=torch.long)
-        hidden = self._encode(embeddings, mask)
-        return F.normalize(self.image_projection(_mean_pool(hidden, mask)).float(), dim=-1)
+        pooled = patch_features.float().mean(1)  # (B, D): the patch network's global average pool
+        return F.normalize(self.image_projection(pooled).float(), dim=-1)
 
     def match(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, patch_features: torch.Tensor
     ) -> torch.Tensor:
         """Cross-attention alignment score of each (text, image) pair: (B,) logits, higher is better."""
-        hidden = self.joint_hidden(input_ids, attention_mask, patch_features)
-        return self.alignment_logits(hidden, attention_mask).float()
+        # A text query pairs one text with every candidate: embed each distinct text once.
+        unique_ids, inverse = torch.unique(input_ids, dim=0, return_inverse=True)
+        unique_mask = torch.zeros_like(unique_ids).index_copy_(0, inverse, attention_mask)
+        text_embeddings = self.encode_text(unique_ids, unique_mask)[inverse]  # (B, E)
+        similarity = (text_embeddings * self.encode_image(patch_features)).sum(-1)  # (B,)
+        hidden = self.joint_hidden(input_ids, attention_mask, self.pool_patches(patch_features))
+        return self.alignment_logits(hidden, attention_mask, similarity).float()
 
 
 def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -157,9 +190,10 @@ class FashionBertForPretraining(nn.Module):
         self,
         masked_input_ids: torch.Tensor,  # (B, T) pair texts with [MASK]s
         attention_mask: torch.Tensor,  # (B, T)
-        masked_patches: torch.Tensor,  # (B, N, D) pair images with masked patches zeroed
+        masked_patches: torch.Tensor,  # (B, N, D) pair images, pooled, with masked patches zeroed
         mlm_positions: torch.Tensor,  # (M, 2) row/token index of each masked word piece
         mpm_positions: torch.Tensor,  # (P, 2) row/patch index of each masked patch
+        tower_similarity: torch.Tensor,  # (B,) the pairs' recall-tower cosine, unmasked inputs
     ) -> PretrainingOutputs:
         # One joint pass serves all three tasks, as in the paper: true and false pairs are masked alike,
         # so the alignment head cannot read "was masked" as "matches".
@@ -171,5 +205,5 @@ class FashionBertForPretraining(nn.Module):
         return PretrainingOutputs(
             mlm_logits=self.mlm_head(mlm_hidden),
             mpm_predictions=self.mpm_head(mpm_hidden),
-            alignment_logits=model.alignment_logits(hidden, attention_mask),
+            alignment_logits=model.alignment_logits(hidden, attention_mask, tower_similarity),
         )

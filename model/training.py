@@ -46,14 +46,14 @@ class TrainConfig:
     batch_size: int = 32
     group_size: int = 4  # items per same-sub-category group in a batch (hard negatives)
     # Mine negatives by tower similarity at this softmax temperature; None = uniform (the paper).
-    negative_temperature: float | None = None
+    negative_temperature: float | None = 0.05
     max_steps: int | None = None
     epochs: float | None = None
     budget_minutes: float | None = None
-    learning_rate: float = 5e-5  # pretrained encoder
-    head_learning_rate: float = 5e-4  # new parts: patch embeddings, heads, projections
+    learning_rate: float = 1e-4  # pretrained encoder
+    head_learning_rate: float = 1e-3  # new parts: patch embeddings, heads, projections
     weight_decay: float = 0.01
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     grad_clip: float = 1.0
     adaptive: bool = True  # False: equal fixed task weights (the ablation)
     tasks: tuple[str, ...] = TASKS  # a subset trains only those tasks (ablations, fast tests)
@@ -227,8 +227,10 @@ class Trainer:
             self.generator,
         )
         masked_patches, mpm_positions, mpm_targets = mask_patches(
-            pair_patches, model.config.mpm_probability, self.generator
+            model.pool_patches(pair_patches), model.config.mpm_probability, self.generator
         )
+        # The alignment logit adds the towers' cosine of each pair (see FashionBert.alignment_logits).
+        tower_similarity = (text_embeddings[text_rows] * image_embeddings[image_rows]).sum(-1)  # (2B,)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
             outputs = self.pretraining(
                 masked_ids.to(device),
@@ -236,6 +238,7 @@ class Trainer:
                 masked_patches.to(device),
                 mlm_positions.to(device),
                 mpm_positions.to(device),
+                tower_similarity,
             )
         losses = {
             "mlm": masked_language_loss(outputs.mlm_logits, mlm_targets.to(device)),

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer, BertModel
 
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.config import DEFAULT_TEXT_MODEL, TINY_BERT, FashionBertConfig, resolve_text_model
-from model.fashionbert import FashionBert, FashionBertForPretraining
+from model.fashionbert import FashionBert, FashionBertForPretraining, pool_patches
 from model.inference import FashionBertInference
 
 
@@ -51,10 +51,35 @@ def test_padding_does_not_change_scores(tiny: FashionBert) -> None:
         )
 
 
-def test_joint_sequence_is_text_then_patches(tiny: FashionBert) -> None:
+def test_joint_sequence_is_text_then_pooled_patches(tiny: FashionBert) -> None:
     ids = torch.randint(1000, 2000, (2, 6))
-    hidden = tiny.joint_hidden(ids, torch.ones_like(ids), torch.randn(2, 16, 32))
-    assert hidden.shape == (2, 6 + 16, 64)
+    pooled = tiny.pool_patches(torch.randn(2, 16, 32))  # 4 x 4 grid, pooled 2 x 2 -> 2 x 2
+    assert pooled.shape == (2, 4, 32)
+    hidden = tiny.joint_hidden(ids, torch.ones_like(ids), pooled)
+    assert hidden.shape == (2, 6 + 4, 64)
+
+
+def test_pool_patches_averages_grid_neighbours() -> None:
+    grid = torch.arange(16.0).reshape(1, 16, 1)  # row-major 4 x 4: row r, column c holds 4r + c
+    pooled = pool_patches(grid, 2).flatten()
+    # top-left block {0, 1, 4, 5}, top-right {2, 3, 6, 7}, bottom-left {8, 9, 12, 13}, bottom-right
+    assert pooled.tolist() == [2.5, 4.5, 10.5, 12.5]
+    assert torch.equal(pool_patches(grid, 1), grid)
+
+
+def test_match_is_cross_encoder_plus_scaled_tower_cosine(tiny: FashionBert) -> None:
+    ids = torch.randint(1000, 2000, (3, 5))
+    ids[2] = ids[0]  # a repeated text (a text query against several images) is embedded once
+    mask = torch.ones_like(ids)
+    patches = torch.randn(3, 16, 32)
+    with torch.no_grad():
+        cosine = (tiny.encode_text(ids, mask) * tiny.encode_image(patches)).sum(-1)
+        hidden = tiny.joint_hidden(ids, mask, tiny.pool_patches(patches))
+        expected = tiny.alignment_logits(hidden, mask, cosine)
+        assert torch.allclose(tiny.match(ids, mask, patches), expected, atol=1e-5)
+        tiny.tower_scale.fill_(0.0)
+        cross_only = tiny.alignment_logits(hidden, mask, cosine)
+    assert torch.allclose(expected - cross_only, 10.0 * cosine, atol=1e-5)
 
 
 def test_pretraining_heads_shapes(tiny: FashionBert) -> None:
@@ -64,9 +89,10 @@ def test_pretraining_heads_shapes(tiny: FashionBert) -> None:
     outputs = wrapper(
         ids,
         torch.ones_like(ids),
-        torch.randn(2, 16, 32),
+        torch.randn(2, 4, 32),
         torch.tensor([[0, 1], [1, 2]]),
         torch.tensor([[1, 3]]),
+        torch.zeros(2),
     )
     assert outputs.mlm_logits.shape == (2, 30522)
     assert outputs.mpm_predictions.shape == (1, 32)
