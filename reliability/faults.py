@@ -430,7 +430,14 @@ async def _stage_faults(base_url: str, queries: Sequence[Query]) -> list[Fault]:
                 + (f" ({dict(neighbours.statuses)})" if not neighbours_ok else "")
                 + f"; after: {good_after.statuses[200]}/{good_after.sent}"
             )
-            faults.append(Fault("one bad request", name, survived, detail))
+            figures = {
+                "status": response.status_code,
+                "neighbours_sent": neighbours.sent,
+                "neighbours_served": neighbours.statuses[200],
+                "after_sent": good_after.sent,
+                "after_served": good_after.statuses[200],
+            }
+            faults.append(Fault("one bad request", name, survived, detail, figures))
     return faults
 
 

@@ -15,7 +15,7 @@ router = APIRouter(
     prefix="/admin",
     tags=["admin"],
     dependencies=[Depends(require_admin_key)],
-    responses={status: {"model": ErrorResponse} for status in (401, 403, 409, 422, 503)},
+    responses={status: {"model": ErrorResponse} for status in (400, 401, 403, 409, 422, 503)},
 )
 
 
