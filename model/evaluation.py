@@ -6,11 +6,12 @@ ranked, image->text (i2t: one image, candidate texts) and text->image (t2i: one 
 
 Gallery (what the service does): the same query items against every item of the split; cosine
 similarity of the one-modality embeddings (exact inner product, as faiss `IndexFlatIP` computes it),
-then the top `recall_k` recalled and the top `rerank_k` of those re-scored by `match`; the rest keep
-their embedding order after the re-ranked ones.
+then the top `recall_k` recalled and the top `rerank_k` of those re-scored by `match`, put in order
+by `model.ranking.rerank_order`, the function the service orders its results with.
 
 In both, a candidate whose text is identical to the query's true item's counts as correct: the two
-cannot be told apart from the text. Ties rank pessimistically (see `model.metrics`).
+cannot be told apart from the text. Ties rank pessimistically (see `model.metrics`), except in the
+gallery re-rank, which breaks them as the service does: in recall order.
 
 Report keys (the CLI writes the dict to JSON with --report); `{dir}` is `i2t` or `t2i`:
 - `sampled/{dir}/R@1`, `R@5`, `R@10` (percent), `sampled/{dir}/MRR` (0..1);
@@ -37,6 +38,7 @@ import numpy as np
 
 from model.catalogue import Catalogue
 from model.metrics import accuracy, mean_reciprocal_rank, rank_of_positive, recall_at_k, roc_auc
+from model.ranking import rerank_order
 
 logger = logging.getLogger(__name__)
 
@@ -205,19 +207,19 @@ def evaluate_gallery(
 
     start = time.perf_counter()
     for direction in DIRECTIONS:
-        embedding_ranks, top = recalled[direction]
-        top = top[:, :rerank_k]  # (Q, rerank_k)
+        embedding_ranks, recalled_top = recalled[direction]  # (Q,), (Q, recall_k)
+        top = recalled_top[:, :rerank_k]  # (Q, rerank_k)
         repeated = np.repeat(queries, rerank_k)
         text_index, image_index = (top.ravel(), repeated) if direction == "i2t" else (repeated, top.ravel())
         logits = _match_pairs(
             inference, token_ids, patch_features, text_index, image_index, config.batch_size
         ).reshape(top.shape)
-        correct = codes[top] == codes[queries][:, None]
+        served = np.take_along_axis(recalled_top, rerank_order(logits, recall_k), axis=1)  # (Q, recall_k)
+        correct = codes[served] == codes[queries][:, None]
         found = correct.any(axis=1)
-        # A correct item below the re-ranked top keeps its embedding position, which lies past rerank_k.
-        ranks = np.maximum(embedding_ranks, rerank_k + 1)
-        if found.any():
-            ranks[found] = rank_of_positive(logits[found], correct[found])
+        # A correct item that was not recalled keeps its embedding rank, which lies past recall_k.
+        ranks = embedding_ranks.copy()
+        ranks[found] = 1 + correct[found].argmax(axis=1)
         report.update(_rank_metrics(f"gallery/rerank/{direction}", ranks))
     report["gallery/rerank/seconds"] = time.perf_counter() - start
     report.update(
