@@ -285,7 +285,7 @@ class Trainer:
         deadline = None if config.budget_minutes is None else config.budget_minutes * 60 - self.elapsed
         started = time.monotonic()
         pairs_seen, last_record, first_step = 0, {}, self.step
-        self._schedule_probe = self.step + 20
+        budget_only = deadline is not None and config.max_steps is None and config.epochs is None
         progress = tqdm(total=self.total_steps if self.total_steps < 1_000_000 else None, initial=self.step)
         stop = False
         with open(log_path, "a") as log:
@@ -300,12 +300,11 @@ class Trainer:
                     record["elapsed_s"] = self.elapsed + wall
                     last_record = record
                     progress.update(1)
-                    if deadline is not None and self.step == self._schedule_probe:
-                        # Budget-only runs: size the cosine schedule from the measured step time.
+                    if budget_only and (self.step - first_step) % 20 == 0:
+                        # Size the cosine schedule to the budget from the measured step time, again every
+                        # 20 steps: a machine that gets busier or quieter moves the end, not the deadline.
                         per_step = wall / max(1, self.step - first_step)
-                        self.total_steps = min(
-                            self.total_steps, self.step + int((deadline - wall) / per_step)
-                        )
+                        self.total_steps = self.step + max(1, int((deadline - wall) / per_step))
                     if self.step % config.log_every == 0 or self.step == 1:
                         progress.set_postfix(
                             {
