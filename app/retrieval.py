@@ -27,6 +27,7 @@ from app.errors import ApiError
 from app.images import decode_image
 from app.metrics import Metrics
 from app.settings import Settings
+from model.ranking import rerank_order
 
 logger = logging.getLogger(__name__)
 
@@ -251,23 +252,7 @@ class SearchService:
         self, query: str, options: SearchOptions, bundle: SearchBundle | None = None, record: bool = True
     ) -> SearchOutcome:
         """Text query -> product images: recall on the image index, re-rank (query text, candidate image)."""
-        with self._admitted(record):
-            bundle = bundle if bundle is not None else self.bundle  # this request's bundle, to the end
-            timer = _StageTimer()
-            with timer("encode"):
-                token_ids, embedding = await self._stage(
-                    "encode", self._in_model_thread(self._encode_text, query)
-                )
-            with timer("recall"):
-                rows, recall_scores = await self._stage(
-                    "recall",
-                    asyncio.to_thread(self._recall, bundle, bundle.search_images, embedding, options),
-                )
-            with timer("rerank"):
-                rerank_scores = await self._stage(
-                    "rerank", self._rerank(bundle, rows, options, query_tokens=token_ids)
-                )
-            return self._outcome(bundle, "text", rows, recall_scores, rerank_scores, options, timer, record)
+        return await self._search("text", query, options, bundle, record)
 
     async def search_image(
         self,
@@ -278,30 +263,32 @@ class SearchService:
     ) -> SearchOutcome:
         """Image query (an uploaded file's bytes, or a decoded image) -> products: recall on the text
         index, re-rank (candidate text, query image)."""
+        return await self._search("image", image, options, bundle, record)
+
+    async def _search(
+        self,
+        modality: Modality,
+        query: str | bytes | Image.Image,
+        options: SearchOptions,
+        bundle: SearchBundle | None,
+        record: bool,
+    ) -> SearchOutcome:
+        """Encode the query, recall from the other modality's index, re-rank; `modality` is the query's."""
         with self._admitted(record):
-            bundle = bundle if bundle is not None else self.bundle
+            bundle = bundle if bundle is not None else self.bundle  # this request's bundle, to the end
+            search = bundle.search_images if modality == "text" else bundle.search_texts
             timer = _StageTimer()
             with timer("encode"):
-                if isinstance(
-                    image, bytes
-                ):  # decoding is CPU work too: off the event loop, not on the model's thread
-                    image = await self._stage(
-                        "decode",
-                        asyncio.to_thread(decode_image, image, self.settings.max_image_pixels),
-                        self.settings.decode_timeout_s,
-                    )
-                patch_features, embedding = await self._stage(
-                    "encode", self._in_model_thread(self._encode_image, image)
-                )
+                query_side, embedding = await self._encode(modality, query)
             with timer("recall"):
                 rows, recall_scores = await self._stage(
-                    "recall", asyncio.to_thread(self._recall, bundle, bundle.search_texts, embedding, options)
+                    "recall", asyncio.to_thread(self._recall, bundle, search, embedding, options)
                 )
             with timer("rerank"):
                 rerank_scores = await self._stage(
-                    "rerank", self._rerank(bundle, rows, options, query_patches=patch_features)
+                    "rerank", self._rerank(bundle, modality, query_side, rows, options)
                 )
-            return self._outcome(bundle, "image", rows, recall_scores, rerank_scores, options, timer, record)
+            return self._outcome(bundle, modality, rows, recall_scores, rerank_scores, options, timer, record)
 
     # -- stages ---------------------------------------------------------------------------------------
 
@@ -323,6 +310,20 @@ class SearchService:
         except Exception as error:
             logger.exception("the %s stage failed", name)
             raise ApiError(503, "stage_failed", f"the {name} stage failed; retry shortly") from error
+
+    async def _encode(self, modality: Modality, query: str | bytes | Image.Image) -> tuple[Any, np.ndarray]:
+        """The query's side of every re-rank pair (token ids, or (1, N, D) patch features) and its (1, E)
+        embedding."""
+        if modality == "text":
+            return await self._stage("encode", self._in_model_thread(self._encode_text, query))
+        # Decoding is CPU work too: off the event loop, not on the model's thread.
+        if isinstance(query, bytes):
+            query = await self._stage(
+                "decode",
+                asyncio.to_thread(decode_image, query, self.settings.max_image_pixels),
+                self.settings.decode_timeout_s,
+            )
+        return await self._stage("encode", self._in_model_thread(self._encode_image, query))
 
     def _encode_text(self, query: str) -> tuple[list[int], np.ndarray]:
         token_ids = self.inference.tokenize([query])  # truncated to the model's text length
@@ -352,23 +353,22 @@ class SearchService:
     async def _rerank(
         self,
         bundle: SearchBundle,
+        modality: Modality,
+        query_side: Any,
         rows: np.ndarray,
         options: SearchOptions,
-        query_tokens: list[int] | None = None,
-        query_patches: np.ndarray | None = None,
     ) -> np.ndarray:
         """Cross-encoder logits for the best `rerank_k` candidates, in recall order."""
         count = min(options.rerank_k, len(rows)) if options.rerank else 0
         scores = []
         # Chunks of one batch each keep a brute-force request's patch features from all sitting in memory.
         for chunk in _chunks(rows[:count], self.settings.max_batch_pairs):
-            if query_tokens is not None:
+            if modality == "text":  # (query text, candidate image)
+                token_ids: Sequence[Sequence[int]] = [query_side] * len(chunk)
                 patch_features = await asyncio.to_thread(bundle.patch_features, chunk)  # (n, N, D)
-                token_ids: Sequence[Sequence[int]] = [query_tokens] * len(chunk)
-            else:
-                assert query_patches is not None, "an image query brings its own patches"
+            else:  # (candidate text, query image)
                 token_ids = await asyncio.to_thread(bundle.token_ids, chunk)
-                patch_features = np.broadcast_to(query_patches, (len(chunk), *query_patches.shape[1:]))
+                patch_features = np.broadcast_to(query_side, (len(chunk), *query_side.shape[1:]))
             scores.append(await self.batcher.score(token_ids, patch_features))
         return np.concatenate(scores) if scores else np.zeros(0, np.float32)
 
@@ -383,10 +383,8 @@ class SearchService:
         timer: _StageTimer,
         record: bool,
     ) -> SearchOutcome:
-        # Re-ranked candidates first, by logit; the rest keep their recall order behind them.
         reranked = len(rerank_scores)
-        order = np.concatenate([np.argsort(-rerank_scores, kind="stable"), np.arange(reranked, len(rows))])
-        page = order[options.offset : options.offset + options.k]
+        page = rerank_order(rerank_scores, len(rows))[options.offset : options.offset + options.k]
         items = bundle.items(rows[page]) if len(page) else []
         hits = [
             Hit(
