@@ -320,39 +320,60 @@ def _build_command(model: Path, data: str, limit: int, cache: Path, out: Path) -
     ]  # fmt: skip
 
 
-def _bundle_state(out: Path, model_fingerprint: str | None) -> str:
+def _bundle_state(out: Path) -> str:
     """'absent', 'valid' (opens with checksums) or 'INVALID' (a folder at the path that does not open)."""
     from index.bundle import Bundle, BundleError
 
     if not out.exists():
         return "absent"
     try:
-        Bundle.open(out, expected_model_fingerprint=model_fingerprint).close()
+        Bundle.open(out).close()  # checks every file's size and sha256
     except BundleError:
         return "INVALID"
     return "valid"
 
 
+# Points of a build to kill it at: (what the staging folder holds by then, a file whose appearance marks it).
+KILL_POINTS = {
+    "staging folder made": None,
+    "encoding (patch codes streaming)": "patch_codes.npy.part",
+    "recall indexes written": "image.faiss",
+    "arrays written": "token_lengths.npy",
+    "manifest written, not yet published": "manifest.json",
+}
+
+
+def _kill_when(process: subprocess.Popen[bytes], root: Path, name: str, marker: str | None) -> bool:
+    """SIGKILL the build as soon as its staging folder for `name` holds `marker` (or exists, for None);
+    False when the build finished first."""
+    while process.poll() is None:
+        for staging in root.glob(f".{name}.staging-*"):
+            if marker is None or (staging / marker).exists():
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                return True
+        time.sleep(0.001)
+    return False
+
+
 def indexer_kill_faults(
-    model: Path, data: str, limit: int, cache: Path, workdir: Path, fractions: Sequence[float]
+    model: Path, data: str, limit: int, cache: Path, workdir: Path, points: Sequence[str] = tuple(KILL_POINTS)
 ) -> list[Fault]:
-    """Time one clean build, then SIGKILL builds at fractions of that time, into an empty path and over a
-    previous bundle; what is left at the path must be absent or the whole old bundle, never a partial one."""
+    """SIGKILL builds at several points, into an empty path and over a previous bundle: what is left at
+    the path must be nothing or a whole bundle (the old one, or the new one if the kill came after the
+    swap), never a partial one; the next build on the path must succeed and clear the leftovers."""
     from index.bundle import read_manifest
 
     root = workdir / "indexer"
     root.mkdir(parents=True, exist_ok=True)
     reference = root / "reference"
-    start = time.perf_counter()
     subprocess.run(
         _build_command(model, data, limit, cache, reference), cwd=REPO, check=True, capture_output=True
     )
-    build_s = time.perf_counter() - start
-    fingerprint = read_manifest(reference)["model"]["fingerprint"]
     faults = []
     for previous in (False, True):
-        for fraction in fractions:
-            out = root / f"kill-{int(fraction * 100)}-{'over-old' if previous else 'fresh'}"
+        for number, point in enumerate(points):
+            out = root / f"kill-{number}-{'over-old' if previous else 'fresh'}"
             if previous:
                 shutil.copytree(reference, out)
             before = read_manifest(out) if previous else None
@@ -362,34 +383,25 @@ def indexer_kill_faults(
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            time.sleep(fraction * build_s)
-            finished = process.poll() is not None
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            state = _bundle_state(out, fingerprint)
-            leftovers = sorted(p.name for p in root.glob(f".{out.name}.staging-*"))
-            if previous:  # the old bundle, or (killed after the swap) the new one, whole
+            killed = _kill_when(process, root, out.name, KILL_POINTS[point])
+            state = _bundle_state(out)
+            leftovers = list(root.glob(f".{out.name}.staging-*"))
+            if previous:
                 survived = state == "valid"
                 state += ", the old one" if read_manifest(out) == before else ", the new one"
-            else:  # nothing, or (killed after the publish) the whole new bundle
+            else:
                 survived = state in ("absent", "valid")
-            detail = f"killed at {fraction * build_s:.1f} s of {build_s:.1f} s{' (had finished)' if finished else ''}: path {state}"
+            detail = f"path {state}" if killed else f"NOT KILLED (the build finished first): path {state}"
             detail += f", {len(leftovers)} staging folder(s) left" if leftovers else ""
-            # The next job on the same path must succeed and clear the leftovers.
             rebuilt = subprocess.run(
                 _build_command(model, data, limit, cache, out), cwd=REPO, capture_output=True
             )
-            next_ok = rebuilt.returncode == 0 and _bundle_state(out, fingerprint) == "valid"
+            next_ok = rebuilt.returncode == 0 and _bundle_state(out) == "valid"
             next_ok = next_ok and not list(root.glob(f".{out.name}.staging-*"))
-            name = f"SIGKILL at {int(fraction * 100)}% ({'over a previous bundle' if previous else 'fresh path'})"
-            faults.append(
-                Fault(
-                    "indexer",
-                    name,
-                    survived and next_ok,
-                    detail + ("; next build ok" if next_ok else "; NEXT BUILD FAILED"),
-                )
-            )
+            detail += "; next build ok" if next_ok else "; NEXT BUILD FAILED"
+            where = "over a previous bundle" if previous else "fresh path"
+            name = f"SIGKILL when {point} ({where})"
+            faults.append(Fault("indexer", name, killed and survived and next_ok, detail))
             shutil.rmtree(out, ignore_errors=True)
     return faults
 
@@ -461,8 +473,7 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Fault]:
     )
     faults.append(sigterm_fault(args.model, args.bundle_a, workdir, args.shutdown_timeout))
     if args.data:
-        fractions = [float(f) for f in args.kill_at.split(",")]
-        faults += indexer_kill_faults(args.model, args.data, args.limit, args.cache, workdir, fractions)
+        faults += indexer_kill_faults(args.model, args.data, args.limit, args.cache, workdir)
     return faults
 
 
@@ -491,7 +502,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--limit", type=int, default=32)
     parser.add_argument("--cache", type=Path, default=Path("cache"), help="patch-feature cache folder")
-    parser.add_argument("--kill-at", default="0.2,0.5,0.8,0.95", help="fractions of a build's time")
     parser.add_argument("--reload-seconds", type=float, default=10.0)
     parser.add_argument("--shutdown-timeout", type=float, default=10.0)
     parser.add_argument("--out", default=None, help="write the result as JSON here")

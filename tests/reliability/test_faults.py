@@ -54,8 +54,10 @@ def test_sigterm_under_load_finishes_in_flight_and_refuses_new(
 def test_indexer_killed_mid_build_leaves_no_partial_bundle(
     tiny_checkpoint: Path, shared_data: Path, hm_slice: Any, feature_cache_dir: Path, tmp_path: Path
 ) -> None:
+    points = ("encoding (patch codes streaming)", "arrays written")
     found = faults.indexer_kill_faults(
-        tiny_checkpoint, f"hm:{shared_data / 'hm'}", 32, feature_cache_dir, tmp_path, fractions=(0.3, 0.7)
+        tiny_checkpoint, f"hm:{shared_data / 'hm'}", 32, feature_cache_dir, tmp_path, points
     )
     assert len(found) == 4
     assert not _report(found)
+    assert all("NOT KILLED" not in f.detail for f in found)
