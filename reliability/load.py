@@ -2,7 +2,8 @@
 time (and at most a fixed count), then an overload run against a small queue-depth limit.
 
 Loopback only; it stops by itself. Figures: requests, 5xx, dropped connections, latency percentiles,
-resident-memory growth and open file descriptors of the server from the end of the warm-up to the end;
+resident-memory growth of the server from the end of the warm-up to the end, its open file descriptors
+during the load and idle before and after;
 overload: share answered 503 with Retry-After, how fast those came, and recovery once load drops.
 
     python -m reliability.load --model RUN/best --index BUNDLE --concurrency 32 --duration 600 --warmup 120
@@ -133,15 +134,17 @@ async def load_with_samples(
     duration_s: float,
     max_requests: int,
     sample_s: float,
-) -> tuple[LoadStats, list[tuple[float, dict[str, float]]]]:
+) -> tuple[LoadStats, list[tuple[float, dict[str, float]]], dict[str, float], dict[str, float]]:
+    """The load's stats, the server's figures sampled during it, and its figures idle before and after."""
+    idle_before = process_figures(pid)
     samples: list[tuple[float, dict[str, float]]] = []
     sampler = asyncio.create_task(sample_process(pid, sample_s, samples))
     try:
         stats = await drive(base_url, queries, concurrency, duration_s, max_requests)
     finally:
         sampler.cancel()
-    samples.append((stats.wall_s, process_figures(pid)))
-    return stats, samples
+    await asyncio.sleep(1.0)  # let the server close the finished connections
+    return stats, samples, idle_before, process_figures(pid)
 
 
 def growth(
@@ -198,7 +201,7 @@ def run(
 ) -> dict[str, Any]:
     queries = bundle_queries(index)
     with running_service(model, index, workdir / "load.server.log") as service:
-        stats, samples = asyncio.run(
+        stats, samples, idle_before, idle_after = asyncio.run(
             load_with_samples(
                 service.base_url, service.pid, queries, concurrency, duration_s, max_requests, sample_s
             )
@@ -206,6 +209,7 @@ def run(
         tracebacks = service.log().count("Traceback")
     rss_start, rss_end = growth(samples, warmup_s, "rss_mib")
     fds_start, fds_end = growth(samples, warmup_s, "fds")
+    fds_max = max([figures["fds"] for at, figures in samples if at >= warmup_s] or [fds_end])
     settings = {"max_queue_depth": overload_depth}
     with running_service(model, index, workdir / "overload.server.log", settings) as service:
         flood = asyncio.run(
@@ -227,6 +231,10 @@ def run(
         "rss_growth_pct": 100 * (rss_end - rss_start) / rss_start,
         "fds_after_warmup": fds_start,
         "fds_end": fds_end,
+        "fds_max_after_warmup": fds_max,
+        "fds_idle_before": idle_before["fds"],
+        "fds_idle_after": idle_after["fds"],
+        "rss_mib_idle_after": idle_after["rss_mib"],
         "tracebacks_in_log": tracebacks,
         "samples": samples,
         "overload": {"queue_depth": overload_depth, "concurrency": overload_concurrency, **flood},
@@ -254,8 +262,9 @@ def print_result(result: dict[str, Any]) -> None:
                 f"{result['rss_mib_after_warmup']:.0f} -> {result['rss_mib_end']:.0f} ({result['rss_growth_pct']:+.1f}%)",
             ),
             (
-                "open file descriptors after warm-up -> end",
-                f"{result['fds_after_warmup']:.0f} -> {result['fds_end']:.0f}",
+                "open file descriptors: idle before / after warm-up -> end (max) / idle after",
+                f"{result['fds_idle_before']:.0f} / {result['fds_after_warmup']:.0f} -> {result['fds_end']:.0f} "
+                f"({result['fds_max_after_warmup']:.0f}) / {result['fds_idle_after']:.0f}",
             ),
             ("tracebacks in the server log", result["tracebacks_in_log"]),
             (
@@ -265,8 +274,9 @@ def print_result(result: dict[str, Any]) -> None:
             ),
             ("overload: 503 without Retry-After", flood["refused_without_retry_after"]),
             (
-                "overload: 503 latency p50 / p99, ms",
-                f"{flood['refused_latency']['p50_ms']:.1f} / {flood['refused_latency']['p99_ms']:.1f}",
+                "overload: latency of 503s / of served, p50 and p99, ms",
+                f"{flood['refused_latency']['p50_ms']:.0f}, {flood['refused_latency']['p99_ms']:.0f} / "
+                f"{flood['served_latency']['p50_ms']:.0f}, {flood['served_latency']['p99_ms']:.0f}",
             ),
             (
                 "recovery at concurrency 1: served / sent",
@@ -313,7 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result["server_errors"] == 0
         and result["dropped"] == 0
         and result["rss_growth_pct"] < 5
-        and result["fds_end"] <= result["fds_after_warmup"]
+        and result["fds_idle_after"] <= result["fds_idle_before"]
+        and result["fds_max_after_warmup"] <= result["fds_after_warmup"] + 2
         and flood["flood_503"] > 0
         and flood["refused_without_retry_after"] == 0
         and flood["recovery_ok"] == flood["recovery_sent"]

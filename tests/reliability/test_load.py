@@ -15,9 +15,9 @@ def test_short_load_and_overload(
         reliability_bundles["a"],
         tmp_path,
         concurrency=16,
-        duration_s=20.0,
+        duration_s=30.0,
         max_requests=5000,
-        warmup_s=5.0,
+        warmup_s=10.0,
         sample_s=1.0,
         overload_depth=4,
         overload_concurrency=32,
@@ -27,8 +27,11 @@ def test_short_load_and_overload(
     assert result["requests"] > 50 and result["ok"] == result["requests"]
     assert result["server_errors"] == 0 and result["dropped"] == 0
     assert result["tracebacks_in_log"] == 0
-    assert result["rss_growth_pct"] < 10  # the 10-minute run's bound is 5% after a 2-minute warm-up
-    assert result["fds_end"] <= result["fds_after_warmup"] + 2
+    # Allocator arenas and thread pools still grow in the first minute: the 10-minute run's bound is 5%
+    # after a 2-minute warm-up; this short one only catches a leak that grows with every request.
+    assert result["rss_growth_pct"] < 15
+    assert result["fds_idle_after"] <= result["fds_idle_before"]  # every connection's descriptor closed
+    assert result["fds_max_after_warmup"] <= result["fds_after_warmup"] + 2
     flood = result["overload"]
     assert flood["flood_503"] > 0 and flood["flood_ok"] > 0
     assert flood["refused_without_retry_after"] == 0
