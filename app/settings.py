@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     admin_api_key: SecretStr | None = None
     search_api_key: SecretStr | None = None
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Folders /admin/reload may open bundles from (comma-separated); empty = the folder holding index_dir.
+    bundle_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
 
     # Re-ranking micro-batches and back-pressure.
     batch_window_ms: float = Field(default=2.0, ge=0.0)
@@ -60,13 +62,19 @@ class Settings(BaseSettings):
     decode_timeout_s: float = Field(default=10.0, gt=0)  # decoding an uploaded image
     stage_timeout_s: float = Field(default=30.0, gt=0)  # each of encode, recall and re-rank
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "bundle_roots", mode="before")
     @classmethod
-    def _split_origins(cls, value: object) -> object:
+    def _split_list(cls, value: object) -> object:
         # `FASHIONBERT_CORS_ORIGINS=https://a.example,https://b.example` reads as a list.
         if isinstance(value, str):
-            return [origin.strip() for origin in value.split(",") if origin.strip()]
+            return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    def reload_roots(self) -> list[Path]:
+        """Where reloads may read bundles from; empty (anywhere) only when nothing is configured."""
+        if self.bundle_roots:
+            return [root.resolve() for root in self.bundle_roots]
+        return [self.index_dir.resolve().parent] if self.index_dir is not None else []
 
     @model_validator(mode="after")
     def _defaults_within_maxima(self) -> Settings:

@@ -157,3 +157,27 @@ def test_json_error_bodies_never_echo_the_api_key() -> None:
     with pytest.raises(ApiError) as caught:
         _check_key(SecretStr("the-real-key"), "a-guess")
     assert "the-real-key" not in json.dumps(caught.value.message) and "a-guess" not in caught.value.message
+
+
+def test_reload_roots_default_to_the_folder_holding_the_bundle(tmp_path: Path) -> None:
+    settings = make_settings(index_dir=tmp_path / "bundles" / "current")
+    assert settings.reload_roots() == [(tmp_path / "bundles").resolve()]
+    configured = make_settings(index_dir=tmp_path / "x", bundle_roots=f"{tmp_path / 'a'},{tmp_path / 'b'}")
+    assert configured.reload_roots() == [(tmp_path / "a").resolve(), (tmp_path / "b").resolve()]
+
+
+@pytest.mark.anyio
+async def test_reload_reads_bundles_only_from_configured_folders(
+    fake_bundle: FakeBundle, tmp_path: Path
+) -> None:
+    allowed = tmp_path / "bundles"
+    (allowed / "next").mkdir(parents=True)
+    settings = make_settings(admin_api_key="admin-secret", bundle_roots=str(allowed))
+    admin = {"X-API-Key": "admin-secret"}
+    async with serve_asgi(create_app(settings, loader=fake_loader(fake_bundle))) as client:
+        for outside in ("/etc", str(allowed / ".." / "elsewhere"), str(allowed) + "-sibling"):
+            response = await client.post("/admin/reload", json={"index": outside}, headers=admin)
+            assert response.status_code == 403 and response.json()["error"]["code"] == "path_not_allowed"
+        # Inside the folder the bundle itself is judged (the fake opener knows no bundles: 422).
+        response = await client.post("/admin/reload", json={"index": str(allowed / "next")}, headers=admin)
+        assert response.status_code == 422 and response.json()["error"]["code"] == "bad_bundle"
