@@ -249,6 +249,11 @@ async def _terminate_under_load(service: Any, queries: Sequence[Query], after_s:
                     outcome = str(response.status_code)
                 except httpx.ConnectError:
                     outcome = "refused"
+                except httpx.RemoteProtocolError as error:
+                    # Accepted by the kernel as the listener closed, closed before a byte of the request was
+                    # handled: not processed, safe to retry; a refusal, not a lost request.
+                    unanswered = "without sending a response" in str(error)
+                    outcome = "refused" if unanswered else f"dropped:{type(error).__name__}"
                 except httpx.TransportError as error:
                     outcome = f"dropped:{type(error).__name__}"
                 outcomes.append((sent_at, time.perf_counter(), outcome))
