@@ -142,13 +142,19 @@ class FashionBert(nn.Module):
         return F.normalize(self.image_projection(pooled).float(), dim=-1)
 
     def match(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, patch_features: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        patch_features: torch.Tensor,
+        text_embeddings: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Cross-attention alignment score of each (text, image) pair: (B,) logits, higher is better."""
-        # A text query pairs one text with every candidate: embed each distinct text once.
-        unique_ids, inverse = torch.unique(input_ids, dim=0, return_inverse=True)
-        unique_mask = torch.zeros_like(unique_ids).index_copy_(0, inverse, attention_mask)
-        text_embeddings = self.encode_text(unique_ids, unique_mask)[inverse]  # (B, E)
+        """Cross-attention alignment score of each (text, image) pair: (B,) logits, higher is better.
+        `text_embeddings` (B, E), when given, are the texts' `encode_text` output computed earlier."""
+        if text_embeddings is None:
+            # A text query pairs one text with every candidate: embed each distinct text once.
+            unique_ids, inverse = torch.unique(input_ids, dim=0, return_inverse=True)
+            unique_mask = torch.zeros_like(unique_ids).index_copy_(0, inverse, attention_mask)
+            text_embeddings = self.encode_text(unique_ids, unique_mask)[inverse]  # (B, E)
         similarity = (text_embeddings * self.encode_image(patch_features)).sum(-1)  # (B,)
         hidden = self.joint_hidden(input_ids, attention_mask, self.pool_patches(patch_features))
         return self.alignment_logits(hidden, attention_mask, similarity).float()

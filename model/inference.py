@@ -6,6 +6,7 @@ Owns the device, the bf16 autocast and tokenization, so callers never touch torc
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -41,12 +42,16 @@ class FashionBertInference:
         tokenizer: PreTrainedTokenizerBase,
         device: str | torch.device = "cpu",
         fingerprint: str = "",
+        text_cache_size: int = 50_000,
     ):
         self.device = pick_device(device) if isinstance(device, str) else device
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.config = model.config
         self.fingerprint = fingerprint
+        # Text-tower embeddings by token ids: re-ranking meets the same catalogue texts query after query.
+        self._text_cache: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
+        self.text_cache_size = text_cache_size
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto") -> FashionBertInference:
@@ -106,11 +111,29 @@ class FashionBertInference:
         assert len(token_ids) == len(patch_features), "match scores pairs: one text per image"
         out = []
         for start in range(0, len(token_ids), batch_size):
-            ids, mask = self.pad(token_ids[start : start + batch_size])
+            chunk = token_ids[start : start + batch_size]
+            ids, mask = self.pad(chunk)
             patches = self._patches(patch_features[start : start + batch_size])
+            text_embeddings = torch.from_numpy(self.cached_text_embeddings(chunk)).to(self.device)
             with autocast(self.device):
-                out.append(self.model.match(ids, mask, patches).float().cpu().numpy())
+                out.append(self.model.match(ids, mask, patches, text_embeddings).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+    def cached_text_embeddings(self, token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """(n, E) text-tower embeddings, each distinct text encoded once and kept (least recently used
+        dropped past `text_cache_size`)."""
+        keys = [tuple(ids) for ids in token_ids]
+        missing = list(dict.fromkeys(key for key in keys if key not in self._text_cache))
+        if missing:
+            for key, embedding in zip(missing, self.encode_token_ids(missing), strict=True):
+                self._text_cache[key] = embedding
+        rows = []
+        for key in keys:
+            self._text_cache.move_to_end(key)
+            rows.append(self._text_cache[key])
+        while len(self._text_cache) > self.text_cache_size:
+            self._text_cache.popitem(last=False)
+        return np.stack(rows)
 
     def _patches(self, patch_features: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(patch_features, dtype=np.float32)).to(self.device)

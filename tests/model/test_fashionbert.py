@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer, BertModel
@@ -143,3 +144,23 @@ def test_bad_checkpoints_fail_clearly(tiny: FashionBert, tokenizer, tmp_path) ->
     (tmp_path / "other" / "config.json").write_text('{"nonsense": 1}')
     with pytest.raises(CheckpointError, match="not a FashionBertConfig"):
         load_checkpoint(tmp_path / "other")
+
+
+def test_inference_match_reuses_cached_text_embeddings(tiny: FashionBert, tokenizer) -> None:
+    inference = FashionBertInference(tiny, tokenizer, device="cpu", text_cache_size=2)
+    token_ids = inference.tokenize(["black satin midi skirt", "red wool coat", "black satin midi skirt"])
+    patches = torch.randn(3, 16, 32)
+    ids, mask = inference.pad(token_ids)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        direct = tiny.match(ids, mask, patches).float().numpy()
+    first = inference.match(token_ids, patches.numpy())
+    assert np.allclose(first, direct, atol=0.05)  # bf16: texts batched differently
+    assert len(inference._text_cache) == 2  # two distinct texts, each encoded once
+
+    calls = []
+    original = inference.encode_token_ids
+    inference.encode_token_ids = lambda ids, *a, **k: calls.append(len(ids)) or original(ids, *a, **k)
+    assert np.array_equal(inference.match(token_ids, patches.numpy()), first)
+    assert calls == []  # both texts came from the cache
+    inference.match(inference.tokenize(["green linen shirt"]), patches[:1].numpy())
+    assert calls == [1] and len(inference._text_cache) == 2  # least recently used text dropped
