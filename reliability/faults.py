@@ -13,8 +13,8 @@ or not, and counted.
     python -m reliability.faults --model RUN/best --bundle-a A --bundle-b B --data hm:../shared/data/hm \
         --limit 32 --cache cache [--out faults.json]
 
-A and B must hold different items (e.g. two halves of a catalogue); the data, limit and cache are what
-the indexer-kill suite builds from.
+B must hold items A lacks (e.g. `--limit 32` and `--limit 64` of one catalogue); the data, limit and
+cache are what the indexer-kill suite builds from.
 """
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ def startup_faults(model: Path, good: Path, workdir: Path) -> list[Fault]:
 
 
 def _judge_startup(service: Any, name: str, mode: str, words: str, must_exit: bool) -> Fault:
-    deadline = time.monotonic() + 120
+    """Poll until the service answers /readyz 200 or with its start-up error, or exits; then judge."""
+    deadline = time.monotonic() + 300  # generous: loading competes for the cores with whatever else runs
     readyz = search = None
     while time.monotonic() < deadline and service.process.poll() is None:
         try:
@@ -118,12 +119,14 @@ def _judge_startup(service: Any, name: str, mode: str, words: str, must_exit: bo
             search = httpx.post(f"{service.base_url}/search/text", json={"query": "dress"}, timeout=30)
             break
         time.sleep(0.2)
-    log = service.log()
-    clear = words.lower() in log.lower() and ("error" in log.lower() or "failed" in log.lower())
     if must_exit:
-        code = (
-            service.process.wait(timeout=60) if service.process.poll() is None else service.process.returncode
-        )
+        try:
+            code = service.process.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            code = None
+    log = service.log().lower()  # read after the exit, so the log is whole
+    clear = words.lower() in log and ("error" in log or "failed" in log)
+    if must_exit:
         survived = code not in (0, None) and clear and readyz is None
         detail = f"exit code {code}"
     else:
@@ -134,7 +137,8 @@ def _judge_startup(service: Any, name: str, mode: str, words: str, must_exit: bo
             and search.status_code == 503
             and clear
         )
-        detail = f"/readyz {readyz.status_code if readyz else None}: {readyz.json()['error']['message'] if readyz is not None and readyz.status_code == 503 else ''}"
+        reason = readyz.json()["error"]["message"] if readyz is not None and readyz.status_code == 503 else ""
+        detail = f"/readyz {readyz.status_code if readyz else None}: {reason}"
         detail += f"; search {search.status_code if search else None}"
     return Fault("start-up", f"{name}, {mode}", survived, detail + ("" if clear else "; log unclear"))
 
