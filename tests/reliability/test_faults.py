@@ -38,9 +38,11 @@ def test_bad_bundles_at_start_up_never_serve(
 def test_reload_under_load_drops_nothing_and_mixes_no_bundles(
     tiny_checkpoint: Path, reliability_bundles: dict[str, Path], tmp_path: Path
 ) -> None:
-    fault = faults.reload_fault(tiny_checkpoint, reliability_bundles, tmp_path, duration_s=8.0)
+    fault = faults.reload_fault(tiny_checkpoint, reliability_bundles, tmp_path, duration_s=10.0)
     assert not _report([fault])
-    assert fault.figures["reloads"] >= 4 and fault.figures["ok"] == fault.figures["requests"]
+    # At least two swaps with both bundles answering searches (a loaded machine manages few more in 10 s).
+    assert fault.figures["reloads"] >= 2 and min(fault.figures["served_by"].values()) > 0
+    assert fault.figures["ok"] == fault.figures["requests"]
 
 
 def test_sigterm_under_load_finishes_in_flight_and_refuses_new(
