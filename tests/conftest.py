@@ -58,3 +58,32 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     tokenizer = AutoTokenizer.from_pretrained(resolve_text_model(DEFAULT_TEXT_MODEL))
     return save_checkpoint(FashionBert(config), tokenizer, tmp_path_factory.mktemp("tiny") / "checkpoint", {})
+
+
+@pytest.fixture(scope="session")
+def build_slice_bundle(tiny_checkpoint: Path, hm_slice):
+    """Build a bundle of some of `hm_slice`'s items with the tiny model: `build(items, out) -> out`.
+    SQ8 patch codes: no codec training (PQ64's k-means is most of a build this small), near-exact patches."""
+    from index.build import build_bundle
+    from index.config import IndexConfig
+    from model.inference import FashionBertInference
+
+    catalogue, features = hm_slice
+    row_of = {item.id: row for row, item in enumerate(catalogue.items)}
+    encoder = FashionBertInference.from_checkpoint(tiny_checkpoint, device="cpu")
+
+    def patch_features(part):
+        return part, features[[row_of[item.id] for item in part.items]]
+
+    def build(items, out: Path) -> Path:
+        build_bundle(
+            encoder,
+            catalogue.subset(items),
+            patch_features,
+            out,
+            IndexConfig(patch_codec="SQ8"),
+            progress=False,
+        )
+        return out
+
+    return build

@@ -41,26 +41,13 @@ def catalogue(hm_slice: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def bundles(
-    tiny_checkpoint: Path, hm_slice: Any, tmp_path_factory: pytest.TempPathFactory
+    hm_slice: Any, build_slice_bundle: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Path]:
     """The serving bundle (SLICE items), a smaller one to reload into, and bundles that must be refused."""
-    from index.build import build_bundle
-    from index.config import IndexConfig
-    from model.inference import FashionBertInference
-
-    items, features = hm_slice
-    row_of = {item.id: row for row, item in enumerate(items.items)}
-
-    def patch_features(part: Any) -> tuple[Any, np.ndarray]:
-        return part, features[[row_of[item.id] for item in part.items]]
-
-    encoder = FashionBertInference.from_checkpoint(tiny_checkpoint, device="cpu")
+    items, _ = hm_slice
     root = tmp_path_factory.mktemp("bundles")
-    # SQ8 patch codes: no codec training (PQ64's k-means is most of a build this small), near-exact patches.
-    config = IndexConfig(patch_codec="SQ8")
     for name, count in (("main", SLICE), ("small", 16)):
-        part = items.subset(items.items[:count])
-        build_bundle(encoder, part, patch_features, root / name, config, progress=False)
+        build_slice_bundle(items.items[:count], root / name)
 
     broken = root / "broken"
     broken.mkdir()
