@@ -27,6 +27,7 @@ from app.errors import ApiError
 from app.images import decode_image
 from app.metrics import Metrics
 from app.settings import Settings
+from model.evaluation import Scorer
 from model.ranking import rerank_order
 
 logger = logging.getLogger(__name__)
@@ -62,20 +63,11 @@ class SearchBundle(Protocol):
     def image_path(self, item_id: str) -> Path | None: ...
 
 
-class Matcher(Protocol):
-    """What the service needs from the model (`model.inference.FashionBertInference`)."""
+class Matcher(Scorer, Protocol):
+    """What the service needs from the model (`model.inference.FashionBertInference`): what evaluation
+    scores with, plus the fingerprint a bundle must have been built for."""
 
     fingerprint: str
-
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]: ...
-
-    def encode_token_ids(self, token_ids: Sequence[Sequence[int]], batch_size: int = ...) -> np.ndarray: ...
-
-    def encode_images(self, patch_features: np.ndarray, batch_size: int = ...) -> np.ndarray: ...
-
-    def match(
-        self, token_ids: Sequence[Sequence[int]], patch_features: np.ndarray, batch_size: int = ...
-    ) -> np.ndarray: ...
 
 
 class PatchExtractor(Protocol):
