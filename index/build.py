@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import sqlite3
 import time
@@ -37,6 +38,7 @@ from index.bundle import (
     check_model,
     file_entries,
     read_manifest,
+    stored_patches,
     verify_files,
 )
 from index.codec import encode_patches, train_codec
@@ -45,6 +47,7 @@ from index.factory import add_vectors, build_index, choose_factory, gpu_availabl
 from index.search import inverted_lists
 from index.staging import link_or_copy, locked, publish, staging_folder
 from model.catalogue import Catalogue
+from model.patches import pool_grid
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +59,9 @@ PatchFeatureSource = Callable[[Catalogue], tuple[Catalogue, np.ndarray]]
 class Encoder(Protocol):
     """What the jobs need of `model.inference.FashionBertInference` (tests pass stand-ins)."""
 
-    config: Any  # FashionBertConfig: embed_dim, num_patches, patch_feature_dim, max_text_len, patch_features, bert
+    # FashionBertConfig: embed_dim, num_patches, patch_pool, encoder_patches, patch_feature_dim, max_text_len,
+    # patch_features, bert
+    config: Any
     fingerprint: str
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]: ...
@@ -126,9 +131,9 @@ def _model_section(encoder: Encoder) -> dict[str, Any]:
 
 
 def _codec_sample(
-    catalogues: Sequence[Catalogue], patch_features: PatchFeatureSource, config: IndexConfig
+    catalogues: Sequence[Catalogue], patch_features: PatchFeatureSource, pool: int, config: IndexConfig
 ) -> np.ndarray:
-    """(n * N, D) patch vectors of items drawn at random from all catalogues: the codec's training set."""
+    """(n * N, D) pooled patch vectors of items drawn at random from all catalogues: the codec's training set."""
     sizes = [len(c) for c in catalogues]
     total = sum(sizes)
     rng = np.random.default_rng(config.seed)
@@ -139,6 +144,7 @@ def _codec_sample(
         start += size
         if len(chosen):
             _, features = patch_features(catalogue.subset([catalogue.items[i] for i in chosen]))
+            features = pool_grid(features, pool)
             vectors.append(features.reshape(-1, features.shape[-1]))
     sample = np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float16)
     if not len(sample):
@@ -151,6 +157,7 @@ def _encode(
     catalogues: Sequence[Catalogue],
     patch_features: PatchFeatureSource,
     codec: faiss.Index,
+    pool: int,
     codes_out: BinaryIO,
     db: sqlite3.Connection,
     first_row: int,
@@ -159,7 +166,8 @@ def _encode(
     report: JobReport,
     progress: bool,
 ) -> _Encoded:
-    """One pass over the catalogues in chunks: towers, tokens and patch codes; metadata rows into `db`."""
+    """One pass over the catalogues in chunks: towers, tokens and the codes of the patch grid pooled
+    `pool` x `pool` (the grid the encoder reads); metadata rows into `db`."""
     encoded = _Encoded()
     stages = report.stages
     expected = (encoder.config.num_patches, encoder.config.patch_feature_dim)
@@ -210,7 +218,7 @@ def _encode(
                     padded[i, : lengths[i]] = ids[:max_len]
                 encoded.token_ids.append(padded)
                 encoded.token_lengths.append(lengths)
-                codes_out.write(encode_patches(codec, features).tobytes())
+                codes_out.write(encode_patches(codec, pool_grid(features, pool)).tobytes())
                 t = timed("patch_codes", t)
 
                 metadata.insert_items(db, row, kept.items, catalogue.source)
@@ -280,7 +288,8 @@ def build_bundle(
         raise BundleError("no items to index: the catalogues are empty")
     with locked(out), staging_folder(out) as staging:
         t = time.perf_counter()
-        codec_sample = _codec_sample(catalogues, patch_features, config)
+        pool = encoder.config.patch_pool
+        codec_sample = _codec_sample(catalogues, patch_features, pool, config)
         codec, codec_factory = train_codec(codec_sample, config.patch_codec)
         codec_trained_on, codec_sample = len(codec_sample), None  # free the sample before encoding
         report.stages["train_codec"] = time.perf_counter() - t
@@ -289,7 +298,18 @@ def build_bundle(
         raw_codes = staging / (PATCH_CODES + ".part")
         with open(raw_codes, "wb") as codes_out:
             encoded = _encode(
-                encoder, catalogues, patch_features, codec, codes_out, db, 0, set(), config, report, progress
+                encoder,
+                catalogues,
+                patch_features,
+                codec,
+                pool,
+                codes_out,
+                db,
+                0,
+                set(),
+                config,
+                report,
+                progress,
             )
         db.commit()
         db.close()
@@ -312,7 +332,7 @@ def build_bundle(
         for name, index in indexes.items():
             faiss.write_index(index, str(staging / name))
         faiss.write_index(codec, str(staging / PATCH_CODEC))
-        code_shape = (encoded.rows, encoder.config.num_patches, codec.sa_code_size())
+        code_shape = (encoded.rows, encoder.config.encoder_patches, codec.sa_code_size())
         _write_npy_from_raw(raw_codes, staging / PATCH_CODES, np.dtype(np.uint8), code_shape)
         np.save(staging / TOKEN_IDS, np.concatenate(encoded.token_ids), allow_pickle=False)
         np.save(staging / TOKEN_LENGTHS, np.concatenate(encoded.token_lengths), allow_pickle=False)
@@ -345,7 +365,8 @@ def build_bundle(
                 "factory": codec_factory,
                 "code_size": codec.sa_code_size(),
                 "dim": codec.d,
-                "bytes_per_item": codec.sa_code_size() * encoder.config.num_patches,
+                "patches_per_item": encoder.config.encoder_patches,
+                "bytes_per_item": codec.sa_code_size() * encoder.config.encoder_patches,
                 "trained_on_patches": codec_trained_on,
             },
             "tokens": {
@@ -418,11 +439,14 @@ def add_to_bundle(
             raw_codes = staging / (PATCH_CODES + ".part")
             with open(raw_codes, "wb") as codes_out:
                 _copy_npy_rows(path / PATCH_CODES, codes_out)
+                # The bundle's stored grid decides the pooling (bundles before pooling kept every patch).
+                pool = math.isqrt(encoder.config.num_patches // stored_patches(manifest))
                 encoded = _encode(
                     encoder,
                     catalogues,
                     patch_features,
                     codec,
+                    pool,
                     codes_out,
                     db,
                     old_rows,
@@ -464,7 +488,7 @@ def add_to_bundle(
                     choose_factory(report.rows, manifest["indexes"]["dim"], config),
                     manifest["indexes"]["factory"],
                 )
-            code_shape = (report.rows, encoder.config.num_patches, codec.sa_code_size())
+            code_shape = (report.rows, stored_patches(manifest), codec.sa_code_size())
             _write_npy_from_raw(raw_codes, staging / PATCH_CODES, np.dtype(np.uint8), code_shape)
             for name, new in ((TOKEN_IDS, encoded.token_ids), (TOKEN_LENGTHS, encoded.token_lengths)):
                 old = np.load(path / name, allow_pickle=False)

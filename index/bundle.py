@@ -4,7 +4,8 @@
     image.faiss          image embeddings, searched by text queries
     text.faiss           text embeddings, searched by image queries
     patch_codec.faiss    the trained patch-feature codec (faiss sa_encode / sa_decode)
-    patch_codes.npy      (rows, N, code_size) uint8: every item's patches for the cross-encoder, memory-mapped
+    patch_codes.npy      (rows, N, code_size) uint8: every item's patch grid as the encoder reads it
+                         (pooled, `patches_per_item` in the manifest), memory-mapped
     token_ids.npy        (rows, T) uint16/int32 word-piece ids, right-padded; token_lengths.npy (rows,)
     items.sqlite         metadata, row = faiss id, with the `removed` flag
 
@@ -105,6 +106,11 @@ def check_model(manifest: Mapping[str, Any], fingerprint: str | None, where: Pat
         )
 
 
+def stored_patches(manifest: Mapping[str, Any]) -> int:
+    """Patches stored per item: the encoder's pooled grid, or every patch in bundles older than pooling."""
+    return int(manifest["patch_codec"].get("patches_per_item", manifest["model"]["num_patches"]))
+
+
 def _read_index(path: Path, dim: int, rows: int) -> faiss.Index:
     try:
         index = faiss.read_index(str(path))
@@ -134,7 +140,8 @@ class Bundle:
         counts, model = manifest["counts"], manifest["model"]
         self.rows = int(counts["rows"])
         self.embed_dim = int(model["embed_dim"])
-        self.num_patches = int(model["num_patches"])
+        # The grid the encoder reads (pooled at build time); bundles before pooling stored every patch.
+        self.patches_per_item = stored_patches(manifest)
         self.patch_feature_dim = int(model["patch_feature_dim"])
         self.nprobe = int(manifest["indexes"]["nprobe"])
         self.image_index = _read_index(path / IMAGE_INDEX, self.embed_dim, self.rows)
@@ -142,7 +149,9 @@ class Bundle:
         self.codec = _read_index(path / PATCH_CODEC, self.patch_feature_dim, 0)
         code_size = self.codec.sa_code_size()
         # Memory-mapped: only the shortlisted items' codes are ever paged in.
-        self._codes = _load_array(path / PATCH_CODES, (self.rows, self.num_patches, code_size), mmap=True)
+        self._codes = _load_array(
+            path / PATCH_CODES, (self.rows, self.patches_per_item, code_size), mmap=True
+        )
         max_len = int(manifest["tokens"]["max_len"])
         self._token_ids = _load_array(path / TOKEN_IDS, (self.rows, max_len))
         self._token_lengths = _load_array(path / TOKEN_LENGTHS, (self.rows,))

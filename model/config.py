@@ -48,6 +48,11 @@ class FashionBertConfig:
     mlm_probability: float = 0.15
     mpm_probability: float = 0.10
 
+    @property
+    def encoder_patches(self) -> int:
+        """Patches per image the encoder reads, after pooling: what index bundles store."""
+        return self.num_patches // self.patch_pool**2
+
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
 

@@ -29,7 +29,7 @@ class PatchEmbeddings(nn.Module):
         super().__init__()
         hidden = bert_config.hidden_size
         self.projection = nn.Linear(config.patch_feature_dim, hidden)
-        self.grid_position = nn.Embedding(config.num_patches // config.patch_pool**2, hidden)
+        self.grid_position = nn.Embedding(config.encoder_patches, hidden)
         self.layer_norm = nn.LayerNorm(hidden, eps=bert_config.layer_norm_eps)
         self.dropout = nn.Dropout(bert_config.hidden_dropout_prob)
 
@@ -105,7 +105,10 @@ class FashionBert(nn.Module):
         return self.bert.encoder(embeddings, attention_mask=mask).last_hidden_state
 
     def pool_patches(self, patch_features: torch.Tensor) -> torch.Tensor:
-        """The patch network's grid -> the coarser grid the encoder reads (see `patch_pool`)."""
+        """The patch network's grid -> the coarser grid the encoder reads (see `patch_pool`). A grid already
+        that coarse (index bundles store it) passes through."""
+        if patch_features.shape[1] == self.config.encoder_patches:
+            return patch_features
         return pool_patches(patch_features, self.config.patch_pool)
 
     def joint_hidden(

@@ -82,3 +82,16 @@ def normalize(
     scale = 1.0 / (np.asarray(std, dtype=np.float32) * 255.0)
     x = (pixels.astype(np.float32) - mean_255) * scale
     return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+
+
+def pool_grid(patch_features: np.ndarray, pool: int) -> np.ndarray:
+    """Average `pool` x `pool` neighbouring patches of square, row-major grids: (n, N, D) -> (n, N / pool^2, D),
+    in the input's dtype. The numpy twin of `model.fashionbert.pool_patches`, for jobs that store the grid
+    the encoder reads (index bundles) without importing torch."""
+    if pool == 1:
+        return patch_features
+    n, count, dim = patch_features.shape
+    grid = int(round(count**0.5))
+    assert grid * grid == count and grid % pool == 0, f"{count} patches do not pool {pool} x {pool}"
+    cells = patch_features.reshape(n, grid // pool, pool, grid // pool, pool, dim).astype(np.float32)
+    return cells.mean(axis=(2, 4)).reshape(n, -1, dim).astype(patch_features.dtype)

@@ -27,10 +27,14 @@ class StubEncoder:
     """Numpy stand-in for FashionBertInference: image embedding = a fixed projection of the mean patch,
     text embedding = a hashed bag of word ids. Deterministic, and no torch import (subprocess tests)."""
 
-    def __init__(self, embed_dim: int = 16, num_patches: int = 4, patch_feature_dim: int = 32) -> None:
+    def __init__(
+        self, embed_dim: int = 16, num_patches: int = 4, patch_feature_dim: int = 32, patch_pool: int = 1
+    ) -> None:
         self.config = SimpleNamespace(
             embed_dim=embed_dim,
             num_patches=num_patches,
+            patch_pool=patch_pool,
+            encoder_patches=num_patches // patch_pool**2,
             patch_feature_dim=patch_feature_dim,
             max_text_len=12,
             patch_features={"stub": True},

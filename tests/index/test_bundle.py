@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from index.bundle import FILES, FORMAT_VERSION, MANIFEST, PATCH_CODES, TEXT_INDEX, Bundle, BundleError
+from model.patches import pool_grid
 from tests.index.conftest import BASE_ITEMS
 
 
@@ -29,7 +30,9 @@ def test_build_writes_a_verified_manifest(base_bundle: Path, tiny_inference) -> 
         assert set(manifest["files"]) == set(FILES)
         assert all(len(entry["sha256"]) == 64 for entry in manifest["files"].values())
         assert manifest["catalogues"][0]["fingerprint"]
-        assert manifest["patch_codec"]["bytes_per_item"] == 64 * 64  # PQ64: 64 bytes a patch
+        # The 8 x 8 grid is stored pooled 2 x 2, as the encoder reads it; PQ64: 64 bytes a patch.
+        assert manifest["patch_codec"]["patches_per_item"] == 16
+        assert manifest["patch_codec"]["bytes_per_item"] == 16 * 64
         assert bundle.size == BASE_ITEMS
     assert not list(base_bundle.parent.glob(".base.staging-*")), "the staging folder was not cleaned up"
 
@@ -56,8 +59,8 @@ def test_metadata_tokens_and_patches_round_trip(base_bundle: Path, hm_slice, tin
         )
 
         decoded = bundle.patch_features([0, 1, 2])
-        assert decoded.shape == (3, 64, 1280) and decoded.dtype == np.float32
-        original = features[:3].astype(np.float32)
+        assert decoded.shape == (3, 16, 1280) and decoded.dtype == np.float32
+        original = pool_grid(features[:3], 2).astype(np.float32)
         relative = ((decoded - original) ** 2).sum() / (original**2).sum()
         assert relative < 0.25, f"PQ codes lost {relative:.0%} of the patch signal"
         with pytest.raises(IndexError):

@@ -13,6 +13,7 @@ from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.config import DEFAULT_TEXT_MODEL, TINY_BERT, FashionBertConfig, resolve_text_model
 from model.fashionbert import FashionBert, FashionBertForPretraining, pool_patches
 from model.inference import FashionBertInference
+from model.patches import pool_grid
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,24 @@ def test_pool_patches_averages_grid_neighbours() -> None:
     # top-left block {0, 1, 4, 5}, top-right {2, 3, 6, 7}, bottom-left {8, 9, 12, 13}, bottom-right
     assert pooled.tolist() == [2.5, 4.5, 10.5, 12.5]
     assert torch.equal(pool_patches(grid, 1), grid)
+    # The numpy twin that index bundles pool with agrees, in float16 too.
+    numpy_grid = np.random.default_rng(0).standard_normal((3, 16, 5)).astype(np.float16)
+    torch_pooled = pool_patches(torch.from_numpy(numpy_grid.astype(np.float32)), 2).numpy()
+    np.testing.assert_allclose(pool_grid(numpy_grid, 2).astype(np.float32), torch_pooled, atol=2e-3)
+    assert pool_grid(numpy_grid, 2).dtype == np.float16 and pool_grid(numpy_grid, 1) is numpy_grid
+
+
+def test_match_reads_a_grid_pooled_beforehand_the_same(tiny: FashionBert) -> None:
+    """Bundles store the pooled grid: scoring it must equal scoring the patch network's full grid."""
+    ids = torch.randint(1000, 2000, (2, 5))
+    mask = torch.ones_like(ids)
+    patches = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        full = tiny.match(ids, mask, patches)
+        pooled = tiny.match(ids, mask, pool_patches(patches, 2))
+        assert torch.allclose(full, pooled, atol=1e-5)
+        image = tiny.encode_image(patches)  # the mean over equal cells is the mean over patches
+        assert torch.allclose(image, tiny.encode_image(pool_patches(patches, 2)), atol=1e-5)
 
 
 def test_match_is_cross_encoder_plus_scaled_tower_cosine(tiny: FashionBert) -> None:
