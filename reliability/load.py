@@ -2,7 +2,8 @@
 time (and at most a fixed count), then an overload run against a small queue-depth limit.
 
 Loopback only; it stops by itself. Figures: requests, 5xx, dropped connections, latency percentiles,
-resident-memory growth of the server from the end of the warm-up to the end, its open file descriptors
+resident-memory growth of the server from the minute after the warm-up to the last minute (medians;
+the fitted trend and the range beside them), its open file descriptors
 during the load and idle before and after;
 overload: share answered 503 with Retry-After, how fast those came, and recovery once load drops.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import statistics
 import sys
 import tempfile
 import time
@@ -148,11 +150,29 @@ async def load_with_samples(
 
 
 def growth(
-    samples: Sequence[tuple[float, dict[str, float]]], warmup_s: float, name: str
+    samples: Sequence[tuple[float, dict[str, float]]], warmup_s: float, name: str, window_s: float = 60.0
 ) -> tuple[float, float]:
-    """(value at the first sample after the warm-up, value at the end)."""
-    after = [figures[name] for at, figures in samples if at >= warmup_s] or [samples[-1][1][name]]
-    return after[0], samples[-1][1][name]
+    """(median over the first `window_s` after the warm-up, median over the last `window_s`).
+
+    Resident memory swings with the requests in flight (tens of MiB at concurrency 32, freed when they
+    finish); one sample at each end measures where the swing happened to be, not growth. A leak moves
+    the whole level, so it moves both medians apart."""
+    after = [(at, figures[name]) for at, figures in samples if at >= warmup_s] or [
+        (samples[-1][0], samples[-1][1][name])
+    ]
+    first, last = after[0][0], after[-1][0]
+    start = [value for at, value in after if at <= first + window_s]
+    end = [value for at, value in after if at >= last - window_s]
+    return statistics.median(start), statistics.median(end)
+
+
+def trend_per_minute(samples: Sequence[tuple[float, dict[str, float]]], warmup_s: float, name: str) -> float:
+    """Least-squares slope of `name` after the warm-up, per minute: a leak's steady climb."""
+    after = [(at, figures[name]) for at, figures in samples if at >= warmup_s]
+    if len(after) < 2:
+        return 0.0
+    times, values = zip(*after, strict=True)
+    return 60.0 * statistics.linear_regression(times, values).slope
 
 
 async def overload(
@@ -229,6 +249,11 @@ def run(
         "rss_mib_after_warmup": rss_start,
         "rss_mib_end": rss_end,
         "rss_growth_pct": 100 * (rss_end - rss_start) / rss_start,
+        "rss_trend_mib_per_min": trend_per_minute(samples, warmup_s, "rss_mib"),
+        "rss_mib_range_after_warmup": [
+            min(f["rss_mib"] for at, f in samples if at >= warmup_s),
+            max(f["rss_mib"] for at, f in samples if at >= warmup_s),
+        ],
         "fds_after_warmup": fds_start,
         "fds_end": fds_end,
         "fds_max_after_warmup": fds_max,
@@ -244,6 +269,7 @@ def run(
 def print_result(result: dict[str, Any]) -> None:
     latency = result["latency"]
     flood = result["overload"]
+    low, high = result["rss_mib_range_after_warmup"]
     print_table(
         f"Load: mixed text and image searches, concurrency {result['concurrency']}, "
         f"{result['duration_s']:.0f} s",
@@ -258,8 +284,12 @@ def print_result(result: dict[str, Any]) -> None:
                 f"{latency['p50_ms']:.0f} / {latency['p95_ms']:.0f} / {latency['p99_ms']:.0f}",
             ),
             (
-                f"resident memory after {result['warmup_s']:.0f} s -> end, MiB",
+                f"resident memory, median of the minute after {result['warmup_s']:.0f} s -> of the last, MiB",
                 f"{result['rss_mib_after_warmup']:.0f} -> {result['rss_mib_end']:.0f} ({result['rss_growth_pct']:+.1f}%)",
+            ),
+            (
+                "resident memory after the warm-up: trend MiB/min; range MiB; idle after",
+                f"{result['rss_trend_mib_per_min']:+.1f}; {low:.0f}-{high:.0f}; {result['rss_mib_idle_after']:.0f}",
             ),
             (
                 "open file descriptors: idle before / after warm-up -> end (max) / idle after",

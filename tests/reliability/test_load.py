@@ -7,6 +7,27 @@ from pathlib import Path
 from reliability import load
 
 
+def test_growth_tells_a_climb_from_swings() -> None:
+    """Memory that swings with requests in flight is not growth; a steady climb is, whatever the swing."""
+
+    def samples(level):
+        return [(float(t), {"rss_mib": level(t)}) for t in range(0, 600, 5)]
+
+    def swing(t):  # 800 MiB, 90 MiB higher whenever a burst is in flight, peaking at the very end
+        return 800.0 + (90.0 if t % 40 == 0 or t == 595 else 0.0) - (60.0 if t == 120 else 0.0)
+
+    start, end = load.growth(samples(swing), 120.0, "rss_mib")
+    assert (start, end) == (800.0, 800.0)  # single samples would have said 740 -> 890, +20%
+    assert abs(load.trend_per_minute(samples(swing), 120.0, "rss_mib")) < 2.0
+
+    def leak(t):  # the same swings on a level that climbs 4 MiB a minute
+        return swing(t) + 4.0 * t / 60.0
+
+    start, end = load.growth(samples(leak), 120.0, "rss_mib")
+    assert end - start > 25.0  # 8 minutes apart at 4 MiB/min, less the two windows' half-widths
+    assert load.trend_per_minute(samples(leak), 120.0, "rss_mib") > 3.0
+
+
 def test_short_load_and_overload(
     tiny_checkpoint: Path, reliability_bundles: dict[str, Path], tmp_path: Path
 ) -> None:
