@@ -480,7 +480,9 @@ def load_service(settings: Settings, metrics: Metrics | None = None) -> SearchSe
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    inference = FashionBertInference.from_checkpoint(settings.model_dir, device=settings.device)
+    inference = FashionBertInference.from_checkpoint(
+        settings.model_dir, device=settings.device, bf16_weights=settings.bf16_weights
+    )
     # The patch network the model was trained on, read from its config: the service believes the checkpoint.
     extractor = PatchFeatureExtractor(
         PatchFeatureConfig.from_dict(inference.config.patch_features), device=inference.device

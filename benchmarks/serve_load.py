@@ -46,9 +46,11 @@ sys.path.insert(0, str(REPO))  # `python benchmarks/serve_load.py` from a checko
 @dataclass(frozen=True)
 class Query:
     item_id: str
-    text: str
+    text: str  # the text query (see `query_text`)
+    item_text: str  # the item's whole text: what an image query's candidates are scored with
     image: bytes
-    relevant: frozenset[str]  # the item and every item with identical text
+    relevant: frozenset[str]  # the item and every item whose text the text query cannot tell apart
+    relevant_to_image: frozenset[str]  # the item and every item with identical whole text
 
 
 @dataclass
@@ -143,14 +145,24 @@ def wait_drained(base_url: str, timeout_s: float = 120.0) -> None:
 # -- queries ------------------------------------------------------------------------------------------
 
 
+def query_text(text: str, style: str) -> str:
+    """An item's text as a query: whole (`full`), or `short`, its first two sentences, what a shopper
+    types: H&M's "name. Colour Type." (about 10 word pieces against 40), Myntra's title and attributes."""
+    if style == "full":
+        return text
+    return ".".join(text.split(".")[:2]).strip() + "."
+
+
 def load_queries(args: argparse.Namespace, base_url: str) -> list[Query]:
     from model.catalogue import load_catalogue
 
     catalogue = load_catalogue(args.data, limit=args.limit)
     _, validation = catalogue.split(val_fraction=args.val_fraction, seed=args.split_seed)
-    by_text: dict[str, set[str]] = defaultdict(set)
+    by_text: dict[str, set[str]] = defaultdict(set)  # text -> items it cannot tell apart
+    by_query: dict[str, set[str]] = defaultdict(set)
     for item in catalogue.items:
         by_text[item.text].add(item.id)
+        by_query[query_text(item.text, args.text_queries)].add(item.id)
     queries = []
     with httpx.Client(base_url=base_url, timeout=10) as client:
         for item in validation.items:
@@ -165,7 +177,9 @@ def load_queries(args: argparse.Namespace, base_url: str) -> list[Query]:
                 buffer = io.BytesIO()
                 catalogue.open_image(item).save(buffer, "PNG")
                 image = buffer.getvalue()
-            queries.append(Query(item.id, item.text, image, frozenset(by_text[item.text])))
+            text = query_text(item.text, args.text_queries)
+            relevant, relevant_to_image = frozenset(by_query[text]), frozenset(by_text[item.text])
+            queries.append(Query(item.id, text, item.text, image, relevant, relevant_to_image))
     if not queries:
         raise SystemExit("no validation item of --data is in the bundle; check --data/--limit/--val-fraction")
     return queries
@@ -215,7 +229,8 @@ async def run_cell(
                 continue
             cell.latencies_ms.append(elapsed)
             ids = [result["id"] for result in response.json()["results"][:RECALL_AT]]
-            cell.hits[query.item_id] = any(i in query.relevant for i in ids)
+            relevant = query.relevant if cell.modality == "text" else query.relevant_to_image
+            cell.hits[query.item_id] = any(i in relevant for i in ids)
 
     async with httpx.AsyncClient(base_url=base_url, timeout=None, limits=limits) as client:
         start = time.perf_counter()
@@ -355,6 +370,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--queries", type=int, default=200, help="validation items used as queries")
+    parser.add_argument(
+        "--text-queries",
+        choices=("full", "short"),
+        default="full",
+        help="text queries: the item's whole text, or its first two sentences (name, colour, type)",
+    )
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--recall-k", type=int, default=200)
@@ -402,10 +423,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(json.dumps(cell.summary()), flush=True)
                     wait_drained(base_url)
 
-    query_tokens = mean_tokens(args.model, [q.text for q in queries])
+    # A text query pairs its own text with every candidate; an image query, every candidate's text.
+    pair_tokens = {
+        "text": mean_tokens(args.model, [q.text for q in queries]),
+        "image": mean_tokens(args.model, [q.item_text for q in queries]),
+    }
     efficiency = {}
     for name, (pairs, busy) in efficiency_samples.items():
-        achieved = pairs * flops_per_pair(args.model, query_tokens) / busy / 1e12
+        modality = name.split()[1]
+        achieved = pairs * flops_per_pair(args.model, pair_tokens[modality]) / busy / 1e12
         efficiency[name] = {
             "pairs_per_s": pairs / busy,
             "tflops": achieved,

@@ -142,6 +142,7 @@ class FashionBert(nn.Module):
     def encode_image(self, patch_features: torch.Tensor) -> torch.Tensor:
         """Image patches alone -> L2-normalised recall embedding (B, E)."""
         pooled = patch_features.float().mean(1)  # (B, D): the patch network's global average pool
+        pooled = pooled.to(self.image_projection[0].weight.dtype)  # bf16 when serving holds bf16 weights
         return F.normalize(self.image_projection(pooled).float(), dim=-1)
 
     def match(

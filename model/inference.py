@@ -43,9 +43,12 @@ class FashionBertInference:
         device: str | torch.device = "cpu",
         fingerprint: str = "",
         text_cache_size: int = 50_000,
+        bf16_weights: bool = False,
     ):
         self.device = pick_device(device) if isinstance(device, str) else device
-        self.model = model.to(self.device).eval()
+        # bf16 weights skip autocast's per-call cast of every fp32 weight (serving only: no training).
+        dtype = torch.bfloat16 if bf16_weights else torch.float32
+        self.model = model.to(self.device, dtype).eval()
         self.tokenizer = tokenizer
         self.config = model.config
         self.fingerprint = fingerprint
@@ -54,9 +57,13 @@ class FashionBertInference:
         self.text_cache_size = text_cache_size
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> FashionBertInference:
+    def from_checkpoint(
+        cls, path: str | Path, device: str = "auto", bf16_weights: bool = False
+    ) -> FashionBertInference:
         model, tokenizer = load_checkpoint(path)
-        return cls(model, tokenizer, device=device, fingerprint=model_fingerprint(path))
+        return cls(
+            model, tokenizer, device=device, fingerprint=model_fingerprint(path), bf16_weights=bf16_weights
+        )
 
     # -- text ----------------------------------------------------------------------------------------
 

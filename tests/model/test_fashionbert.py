@@ -183,3 +183,18 @@ def test_inference_match_reuses_cached_text_embeddings(tiny: FashionBert, tokeni
     assert calls == []  # both texts came from the cache
     inference.match(inference.tokenize(["green linen shirt"]), patches[:1].numpy())
     assert calls == [1] and len(inference._text_cache) == 2  # least recently used text dropped
+
+
+def test_bf16_weights_score_like_autocast(tiny_checkpoint) -> None:
+    """Serving holds bf16 weights: the same towers and scores as autocast over fp32, to bf16 precision."""
+    autocast = FashionBertInference.from_checkpoint(tiny_checkpoint, device="cpu")
+    bf16 = FashionBertInference.from_checkpoint(tiny_checkpoint, device="cpu", bf16_weights=True)
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    assert next(autocast.model.parameters()).dtype == torch.float32
+    patches = np.random.default_rng(0).standard_normal((6, 64, 1280)).astype(np.float32)
+    token_ids = autocast.tokenize([f"black satin midi skirt number {i}" for i in range(6)])
+    np.testing.assert_allclose(bf16.encode_images(patches), autocast.encode_images(patches), atol=0.03)
+    np.testing.assert_allclose(
+        bf16.encode_token_ids(token_ids), autocast.encode_token_ids(token_ids), atol=0.03
+    )
+    np.testing.assert_allclose(bf16.match(token_ids, patches), autocast.match(token_ids, patches), atol=0.1)
