@@ -27,6 +27,7 @@ from model.catalogue import load_catalogue
 from model.feature_cache import FeatureCache
 from model.inference import FashionBertInference
 from model.patch_features import PatchFeatureConfig, PatchFeatureExtractor
+from model.patches import pool_grid
 
 PARTS = {
     "patch_codes.npy": "re-rank patch codes",
@@ -91,13 +92,14 @@ def main() -> None:
                 ids = [item["id"] for item in bundle.items(candidates)]
                 source = catalogues[0].subset([by_id[i] for i in ids])
                 _, full = features_for(source)
-                full = full.astype(np.float32)
+                full = pool_grid(full, inference.config.patch_pool).astype(np.float32)  # the grid stored
                 compressed = bundle.patch_features(candidates)
                 tokens = inference.tokenize([texts[q]]) * len(candidates)
                 full_logits.append(inference.match(tokens, full))
                 compressed_logits.append(inference.match(tokens, compressed))
                 errors.append(float(((full - compressed) ** 2).sum() / (full**2).sum()))
-            codec_error = relative_error(bundle.codec, features_for(catalogues[0].subset([all_items[0]]))[1])
+            one_item = features_for(catalogues[0].subset([all_items[0]]))[1]
+            codec_error = relative_error(bundle.codec, pool_grid(one_item, inference.config.patch_pool))
 
     print(f"machine: {machine()}")
     print(
@@ -120,7 +122,7 @@ def main() -> None:
         }
     )
     print_table(table, "bundle size")
-    raw = 64 * 1280 * 2
+    raw = inference.config.num_patches * inference.config.patch_feature_dim * 2
     print(
         f"patch features raw float16: {raw:,} bytes/item -> {manifest['patch_codec']['bytes_per_item']:,} in codes ({raw / manifest['patch_codec']['bytes_per_item']:.0f}x)"
     )

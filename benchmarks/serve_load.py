@@ -96,6 +96,7 @@ def server(args: argparse.Namespace, port: int) -> Iterator[subprocess.Popen]:
         "FASHIONBERT_MAX_RECALL_K": "100000000",
         "FASHIONBERT_MAX_RERANK_K": "100000000",
         "FASHIONBERT_MAX_QUEUE_DEPTH": "1024",
+        "FASHIONBERT_STAGE_TIMEOUT_S": "3600",  # brute force over 10k items takes about a minute
     }
     command = [sys.executable, "-m", "app.cli", "serve", "--model", args.model, "--index", args.index]
     command += ["--host", "127.0.0.1", "--port", str(port), "--device", args.device]
@@ -383,12 +384,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-requests", type=int, default=200, help="requests per cell at most")
     parser.add_argument("--cell-seconds", type=float, default=20.0, help="seconds per cell at most")
     parser.add_argument("--brute-force-requests", type=int, default=40, help="brute-force requests per cell")
+    parser.add_argument(
+        "--brute-force-seconds",
+        type=float,
+        default=None,
+        help="seconds per brute-force cell (default --cell-seconds; a 10k catalogue takes about a minute a query)",
+    )
+    parser.add_argument(
+        "--brute-force-concurrency", default=None, help="brute-force concurrencies (default --concurrency)"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--ready-timeout", type=float, default=600.0)
     parser.add_argument("--server-log", default="serve_load.server.log")
     parser.add_argument("--out", default=None, help="write the full report as JSON here")
     args = parser.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
+    brute_concurrencies = [int(c) for c in (args.brute_force_concurrency or args.concurrency).split(",")]
     modes = [m for m in args.modes.split(",") if m]
     assert set(modes) <= set(MODES), f"modes must be among {MODES}"
 
@@ -405,12 +416,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         efficiency_samples: dict[str, tuple[float, float]] = {}
         for mode in modes:
             options = mode_options(mode, size, args)
-            limit = args.brute_force_requests if mode == "brute-force" else args.max_requests
+            brute = mode == "brute-force"
+            limit = args.brute_force_requests if brute else args.max_requests
+            seconds = (args.brute_force_seconds or args.cell_seconds) if brute else args.cell_seconds
             for modality in MODALITIES:
-                for concurrency in concurrencies:
+                for concurrency in brute_concurrencies if brute else concurrencies:
                     cell = Cell(mode, modality, concurrency)
                     before = scrape(base_url)
-                    asyncio.run(run_cell(base_url, cell, queries, options, limit, args.cell_seconds))
+                    asyncio.run(run_cell(base_url, cell, queries, options, limit, seconds))
                     after = scrape(base_url)
                     pairs = after["fashionbert_rerank_pairs_total"] - before["fashionbert_rerank_pairs_total"]
                     busy = (
