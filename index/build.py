@@ -152,22 +152,38 @@ def _codec_sample(
     return sample.astype(np.float32)
 
 
+@dataclass
+class _EncodePass:
+    """What every chunk of an encode pass uses: the model, where patch features come from, the codec
+    and the grid it stores (patches pooled `pool` x `pool`)."""
+
+    encoder: Encoder
+    patch_features: PatchFeatureSource
+    codec: faiss.Index
+    pool: int
+    config: IndexConfig
+    report: JobReport
+    progress: bool
+
+
 def _encode(
-    encoder: Encoder,
+    job: _EncodePass,
     catalogues: Sequence[Catalogue],
-    patch_features: PatchFeatureSource,
-    codec: faiss.Index,
-    pool: int,
     codes_out: BinaryIO,
     db: sqlite3.Connection,
     first_row: int,
     known_ids: set[str],
-    config: IndexConfig,
-    report: JobReport,
-    progress: bool,
 ) -> _Encoded:
     """One pass over the catalogues in chunks: towers, tokens and the codes of the patch grid pooled
     `pool` x `pool` (the grid the encoder reads); metadata rows into `db`."""
+    encoder, patch_features, codec, pool, config, report = (
+        job.encoder,
+        job.patch_features,
+        job.codec,
+        job.pool,
+        job.config,
+        job.report,
+    )
     encoded = _Encoded()
     stages = report.stages
     expected = (encoder.config.num_patches, encoder.config.patch_feature_dim)
@@ -179,7 +195,9 @@ def _encode(
         stages[stage] = stages.get(stage, 0.0) + now - started
         return now
 
-    with tqdm(total=sum(len(c) for c in catalogues), unit="item", desc="index", disable=not progress) as bar:
+    with tqdm(
+        total=sum(len(c) for c in catalogues), unit="item", desc="index", disable=not job.progress
+    ) as bar:
         for catalogue in catalogues:
             fresh = []
             for item in catalogue.items:
@@ -297,20 +315,8 @@ def build_bundle(
         db = metadata.create_items_db(staging / ITEMS_DB)
         raw_codes = staging / (PATCH_CODES + ".part")
         with open(raw_codes, "wb") as codes_out:
-            encoded = _encode(
-                encoder,
-                catalogues,
-                patch_features,
-                codec,
-                pool,
-                codes_out,
-                db,
-                0,
-                set(),
-                config,
-                report,
-                progress,
-            )
+            job = _EncodePass(encoder, patch_features, codec, pool, config, report, progress)
+            encoded = _encode(job, catalogues, codes_out, db, first_row=0, known_ids=set())
         db.commit()
         db.close()
         if not encoded.rows:
@@ -441,20 +447,8 @@ def add_to_bundle(
                 _copy_npy_rows(path / PATCH_CODES, codes_out)
                 # The bundle's stored grid decides the pooling (bundles before pooling kept every patch).
                 pool = math.isqrt(encoder.config.num_patches // stored_patches(manifest))
-                encoded = _encode(
-                    encoder,
-                    catalogues,
-                    patch_features,
-                    codec,
-                    pool,
-                    codes_out,
-                    db,
-                    old_rows,
-                    metadata.live_ids(db),
-                    config,
-                    report,
-                    progress,
-                )
+                job = _EncodePass(encoder, patch_features, codec, pool, config, report, progress)
+                encoded = _encode(job, catalogues, codes_out, db, old_rows, metadata.live_ids(db))
             db.commit()
             db.close()
             report.added = encoded.rows
