@@ -261,7 +261,8 @@ def _index_inputs(args: argparse.Namespace):
     from model.inference import FashionBertInference
     from model.patch_features import PatchFeatureConfig, PatchFeatureExtractor
 
-    inference = FashionBertInference.from_checkpoint(args.model, device=args.device)
+    # bf16 weights, as the service holds them: item and query embeddings from the same arithmetic.
+    inference = FashionBertInference.from_checkpoint(args.model, device=args.device, bf16_weights=True)
     patch_config = PatchFeatureConfig.from_dict(inference.config.patch_features)
     cache = FeatureCache(args.cache, PatchFeatureExtractor(patch_config, device=inference.device))
     catalogues = [load_catalogue(spec, limit=args.limit) for spec in args.data]

@@ -54,7 +54,7 @@ def main() -> None:
         model_dir = (
             Path(args.model) if args.model else stand_in_checkpoint(Path(scratch) / "model", args.stand_in)
         )
-        inference = FashionBertInference.from_checkpoint(model_dir, device="cpu")
+        inference = FashionBertInference.from_checkpoint(model_dir, device="cpu", bf16_weights=True)
         bert = inference.config.bert
         model_name = (
             f"{model_dir.name if args.model else 'untrained ' + args.stand_in}: hidden {bert.get('hidden_size')}, "
