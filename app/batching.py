@@ -119,13 +119,14 @@ class MicroBatcher:
             if not batch:
                 continue
             token_ids = [list(ids) for item in batch for ids in item.token_ids]
-            patch_features = (
-                batch[0].patch_features
-                if len(batch) == 1
-                else np.concatenate([item.patch_features for item in batch])  # (sum n, N, D)
-            )
             start = time.perf_counter()
             try:
+                # Inside the try: requests whose arrays cannot be joined are scored one by one too.
+                patch_features = (
+                    batch[0].patch_features
+                    if len(batch) == 1
+                    else np.concatenate([item.patch_features for item in batch])  # (sum n, N, D)
+                )
                 scores = await loop.run_in_executor(self.executor, self.score_fn, token_ids, patch_features)
             except asyncio.CancelledError:  # shutting down: nobody will answer these requests
                 for item in batch:
@@ -152,6 +153,7 @@ class MicroBatcher:
         for item in batch:
             if item.future.done():
                 continue
+            start = time.perf_counter()
             try:
                 scores = await loop.run_in_executor(
                     self.executor, self.score_fn, [list(ids) for ids in item.token_ids], item.patch_features
@@ -165,5 +167,7 @@ class MicroBatcher:
                 if not item.future.done():
                     item.future.set_exception(error)
             else:
+                if self.on_batch is not None:  # a batch of one, in the metrics like any other
+                    self.on_batch(len(item), 1, time.perf_counter() - start)
                 if not item.future.done():
                     item.future.set_result(scores)

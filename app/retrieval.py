@@ -69,6 +69,10 @@ class Matcher(Scorer, Protocol):
 
     fingerprint: str
 
+    def pool_patches(self, patch_features: np.ndarray) -> np.ndarray:
+        """The patch network's grid -> the grid the encoder reads, as bundles store it."""
+        ...
+
 
 class PatchExtractor(Protocol):
     def extract(self, images: Sequence[Image.Image]) -> np.ndarray: ...
@@ -322,7 +326,8 @@ class SearchService:
         return token_ids[0], self.inference.encode_token_ids(token_ids)  # (1, E)
 
     def _encode_image(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-        patch_features = self.extractor.extract([image])  # (1, N, D)
+        # Pooled like the bundle's grids, so image and text queries' pairs batch together.
+        patch_features = self.inference.pool_patches(self.extractor.extract([image]))  # (1, N, D)
         return patch_features, self.inference.encode_images(patch_features)  # (1, E)
 
     def _recall(

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from model.checkpoint import WEIGHTS_FILE, load_checkpoint
 from model.fashionbert import FashionBert
 from model.files import sha256_file
+from model.patches import pool_grid
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -141,6 +142,11 @@ class FashionBertInference:
         while len(self._text_cache) > self.text_cache_size:
             self._text_cache.popitem(last=False)
         return np.stack(rows)
+
+    def pool_patches(self, patch_features: np.ndarray) -> np.ndarray:
+        """(n, N, D) patch features on the patch network's grid -> on the grid the encoder reads (pooled
+        `patch_pool` x `patch_pool`): what index bundles store, and the same scores."""
+        return pool_grid(patch_features, self.config.patch_pool)
 
     def _patches(self, patch_features: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(patch_features, dtype=np.float32)).to(self.device)

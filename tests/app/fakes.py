@@ -44,6 +44,9 @@ class FakeInference:
     def encode_images(self, patch_features: np.ndarray, batch_size: int = 256) -> np.ndarray:
         return _normalise(np.asarray(patch_features, np.float32).mean(axis=1))
 
+    def pool_patches(self, patch_features: np.ndarray) -> np.ndarray:
+        return patch_features  # fake bundles store the extractor's grid as it is
+
     def match(
         self, token_ids: Sequence[Sequence[int]], patch_features: np.ndarray, batch_size: int = 128
     ) -> np.ndarray:

@@ -110,6 +110,20 @@ async def test_a_failing_request_fails_alone_and_the_batcher_goes_on() -> None:
     await batcher.close()
 
 
+async def test_requests_that_cannot_share_a_batch_are_scored_alone() -> None:
+    """Arrays that do not concatenate (another patch grid) must not stop the batcher."""
+    scorer = RecordingScorer()
+    batcher = MicroBatcher(scorer, window_s=0.05)
+    first, second = request(1, 2), request(2, 3)
+    other_grid = (second[0], np.ones((3, 5, 2), np.float32))
+    results = await asyncio.wait_for(asyncio.gather(batcher.score(*first), batcher.score(*other_grid)), 10)
+    np.testing.assert_allclose(results[0], reference_scores(*first))
+    np.testing.assert_allclose(results[1], reference_scores(*other_grid))
+    assert scorer.batches == [2, 3]  # no joint call: each by itself
+    np.testing.assert_allclose(await batcher.score(*second), reference_scores(*second))  # still running
+    await batcher.close()
+
+
 async def test_cancelled_requests_are_not_scored() -> None:
     scorer = RecordingScorer()
     batcher = MicroBatcher(scorer, window_s=0.05)

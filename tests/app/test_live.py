@@ -217,25 +217,32 @@ def test_bad_input_over_the_socket_leaves_the_service_healthy(live: Any) -> None
     assert client.post("/search/text", json={"query": "red"}).status_code == 200
 
 
-def test_concurrent_searches_share_rerank_batches(live: Any) -> None:
+def test_concurrent_searches_share_rerank_batches(live: Any, catalogue: Any) -> None:
+    """Text and image queries re-rank together: their pairs carry the same (pooled) patch grid."""
     client, _ = live
+    photo = Path(catalogue.items[3].image).read_bytes()
 
     async def burst() -> list[int]:
         async with httpx.AsyncClient(base_url=str(client.base_url), timeout=60) as ac:
-            responses = await asyncio.gather(
-                *(
-                    ac.post("/search/text", json={"query": f"striped shirt {i}", "rerank_k": 10})
-                    for i in range(8)
+            texts = [
+                ac.post("/search/text", json={"query": f"striped shirt {i}", "rerank_k": 10})
+                for i in range(8)
+            ]
+            images = [
+                ac.post(
+                    "/search/image", files={"file": ("q.jpg", photo, "image/jpeg")}, data={"rerank_k": "10"}
                 )
-            )
+                for _ in range(4)
+            ]
+            responses = await asyncio.gather(*texts, *images)
         return [r.status_code for r in responses]
 
     before = _metric(client, "fashionbert_rerank_batch_requests_count")
     pairs_before = _metric(client, "fashionbert_rerank_pairs_total")
-    assert asyncio.run(burst()) == [200] * 8
+    assert asyncio.run(burst()) == [200] * 12
     batches = _metric(client, "fashionbert_rerank_batch_requests_count") - before
-    assert 1 <= batches < 8  # eight requests' pairs went through fewer model calls
-    assert _metric(client, "fashionbert_rerank_pairs_total") - pairs_before == 80
+    assert 1 <= batches < 12  # twelve requests' pairs went through fewer model calls
+    assert _metric(client, "fashionbert_rerank_pairs_total") - pairs_before == 120
 
 
 def test_reload_refuses_bad_bundles_and_swaps_good_ones(live: Any, bundles: dict[str, Path]) -> None:
