@@ -285,6 +285,11 @@ async def _terminate_under_load(service: Any, queries: Sequence[Query], after_s:
         "sent_after": len(after),
         "refused_after": after.count("refused"),
         "dropped": sum(o.startswith("dropped") for _, _, o in outcomes),
+        "dropped_at_s": [  # when each dropped request was sent and answered, relative to SIGTERM
+            (round(sent - terminated_at, 3), round(done - terminated_at, 3), o)
+            for sent, done, o in outcomes
+            if o.startswith("dropped")
+        ],
         "server_errors": sum(o[0] == "5" for _, _, o in outcomes),
     }
 
@@ -315,6 +320,7 @@ def sigterm_fault(model: Path, index: Path, workdir: Path, shutdown_timeout_s: f
         f"in flight at SIGTERM: {figures['in_flight_served']}/{figures['in_flight_at_sigterm']} served; "
         f"before: {figures['served_before']}/"
         f"{figures['sent_before']} served; after: {figures['refused_after']}/{figures['sent_after']} refused"
+        + (f"; dropped (sent s, ended s, error): {figures['dropped_at_s']}" if figures["dropped"] else "")
     )
     return Fault("SIGTERM", "terminated under load", survived, detail, figures)
 
