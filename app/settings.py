@@ -20,8 +20,9 @@ class Settings(BaseSettings):
     model_dir: Path | None = None  # FashionBERT checkpoint folder
     index_dir: Path | None = None  # index bundle folder (`fashionbert index build`)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Hold the model's weights in bf16 (scores within ~0.05 of bf16 autocast over fp32 weights, the same
-    # top 10; re-ranking 1.2-1.35x faster on CPU: benchmarks/rerank_speed.py). False: autocast only.
+    # Hold the model's weights in bf16: half the memory, scores within ~0.05 of bf16 autocast over fp32
+    # weights with the same top 10, re-ranking 1.0-1.08x as fast on a quiet CPU
+    # (benchmarks/rerank_speed.py). False: autocast over fp32 weights.
     bf16_weights: bool = True
     verify_checksums: bool = True  # hash the bundle's arrays when opening it (slower start, no silent rot)
     nprobe: int | None = Field(default=None, ge=1)  # IVF lists probed per query; None = the bundle's choice
