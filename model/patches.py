@@ -93,5 +93,6 @@ def pool_grid(patch_features: np.ndarray, pool: int) -> np.ndarray:
     n, count, dim = patch_features.shape
     grid = int(round(count**0.5))
     assert grid * grid == count and grid % pool == 0, f"{count} patches do not pool {pool} x {pool}"
-    cells = patch_features.reshape(n, grid // pool, pool, grid // pool, pool, dim).astype(np.float32)
-    return cells.mean(axis=(2, 4)).reshape(n, -1, dim).astype(patch_features.dtype)
+    cells = patch_features.reshape(n, grid // pool, pool, grid // pool, pool, dim)
+    # Accumulate in float32 without a float32 copy of the whole grid (a chunk of features is 100s of MB).
+    return cells.mean(axis=(2, 4), dtype=np.float32).reshape(n, -1, dim).astype(patch_features.dtype)
