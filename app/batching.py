@@ -19,7 +19,8 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-ScoreFn = Callable[[list[list[int]], np.ndarray], np.ndarray]  # (token_ids, patch_features (n,N,D)) -> (n,)
+# (token_ids, patch_features (n, N, D), tower similarity (n,)) -> (n,) logits
+ScoreFn = Callable[[list[list[int]], np.ndarray, np.ndarray], np.ndarray]
 BatchObserver = Callable[[int, int, float], None]  # (pairs, requests, compute seconds)
 
 
@@ -27,6 +28,7 @@ BatchObserver = Callable[[int, int, float], None]  # (pairs, requests, compute s
 class _Pending:
     token_ids: Sequence[Sequence[int]]
     patch_features: np.ndarray  # (n, N, D)
+    tower_similarity: np.ndarray  # (n,)
     future: asyncio.Future[np.ndarray] = field(repr=False)
 
     def __len__(self) -> int:
@@ -78,16 +80,19 @@ class MicroBatcher:
             if not item.future.done():
                 item.future.set_exception(RuntimeError("the re-ranker shut down"))
 
-    async def score(self, token_ids: Sequence[Sequence[int]], patch_features: np.ndarray) -> np.ndarray:
-        """Cross-encoder logits of the pairs (token_ids[i], patch_features[i]): (n,) float32."""
-        assert len(token_ids) == len(patch_features), "one text per image"
+    async def score(
+        self, token_ids: Sequence[Sequence[int]], patch_features: np.ndarray, tower_similarity: np.ndarray
+    ) -> np.ndarray:
+        """Cross-encoder logits of the pairs (token_ids[i], patch_features[i]) whose towers' cosine is
+        tower_similarity[i]: (n,) float32."""
+        assert len(token_ids) == len(patch_features) == len(tower_similarity), "one text per image"
         if len(token_ids) == 0:
             return np.zeros((0,), np.float32)
         if self._queue is None:
             self.start()
         assert self._queue is not None
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(token_ids, patch_features, future))
+        self._queue.put_nowait(_Pending(token_ids, patch_features, np.asarray(tower_similarity), future))
         return await future
 
     async def _next_batch(self) -> list[_Pending]:
@@ -127,7 +132,10 @@ class MicroBatcher:
                     if len(batch) == 1
                     else np.concatenate([item.patch_features for item in batch])  # (sum n, N, D)
                 )
-                scores = await loop.run_in_executor(self.executor, self.score_fn, token_ids, patch_features)
+                similarity = np.concatenate([item.tower_similarity for item in batch])
+                scores = await loop.run_in_executor(
+                    self.executor, self.score_fn, token_ids, patch_features, similarity
+                )
             except asyncio.CancelledError:  # shutting down: nobody will answer these requests
                 for item in batch:
                     if not item.future.done():
@@ -156,7 +164,11 @@ class MicroBatcher:
             start = time.perf_counter()
             try:
                 scores = await loop.run_in_executor(
-                    self.executor, self.score_fn, [list(ids) for ids in item.token_ids], item.patch_features
+                    self.executor,
+                    self.score_fn,
+                    [list(ids) for ids in item.token_ids],
+                    item.patch_features,
+                    item.tower_similarity,
                 )
             except asyncio.CancelledError:
                 for waiting in batch:

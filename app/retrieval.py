@@ -69,6 +69,16 @@ class Matcher(Scorer, Protocol):
 
     fingerprint: str
 
+    def match(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        patch_features: np.ndarray,
+        batch_size: int = ...,
+        tower_similarity: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """As `Scorer.match`; `tower_similarity` hands over the recall stage's cosines."""
+        ...
+
     def pool_patches(self, patch_features: np.ndarray) -> np.ndarray:
         """The patch network's grid -> the grid the encoder reads, as bundles store it."""
         ...
@@ -282,7 +292,7 @@ class SearchService:
                 )
             with timer("rerank"):
                 rerank_scores = await self._stage(
-                    "rerank", self._rerank(bundle, modality, query_side, rows, options)
+                    "rerank", self._rerank(bundle, modality, query_side, rows, recall_scores, options)
                 )
             return self._outcome(bundle, modality, rows, recall_scores, rerank_scores, options, timer, record)
 
@@ -353,20 +363,26 @@ class SearchService:
         modality: Modality,
         query_side: Any,
         rows: np.ndarray,
+        recall_scores: np.ndarray,
         options: SearchOptions,
     ) -> np.ndarray:
-        """Cross-encoder logits for the best `rerank_k` candidates, in recall order."""
+        """Cross-encoder logits for the best `rerank_k` candidates, in recall order.
+
+        The logit's tower term is the recall score itself (the same cosine, from the index), so no
+        candidate goes through a tower again: an image query's candidate texts are never re-embedded."""
         count = min(options.rerank_k, len(rows)) if options.rerank else 0
         scores = []
         # Chunks of one batch each keep a brute-force request's patch features from all sitting in memory.
-        for chunk in _chunks(rows[:count], self.settings.max_batch_pairs):
+        for start in range(0, count, self.settings.max_batch_pairs):
+            chunk = rows[start : min(count, start + self.settings.max_batch_pairs)]
+            similarity = recall_scores[start : start + len(chunk)]
             if modality == "text":  # (query text, candidate image)
                 token_ids: Sequence[Sequence[int]] = [query_side] * len(chunk)
                 patch_features = await asyncio.to_thread(bundle.patch_features, chunk)  # (n, N, D)
             else:  # (candidate text, query image)
                 token_ids = await asyncio.to_thread(bundle.token_ids, chunk)
                 patch_features = np.broadcast_to(query_side, (len(chunk), *query_side.shape[1:]))
-            scores.append(await self.batcher.score(token_ids, patch_features))
+            scores.append(await self.batcher.score(token_ids, patch_features, similarity))
         return np.concatenate(scores) if scores else np.zeros(0, np.float32)
 
     def _outcome(
@@ -408,8 +424,10 @@ class SearchService:
     def _open_bundle(self, path: Path) -> SearchBundle:
         return open_bundle(path, self.inference.fingerprint, self.settings.verify_checksums)
 
-    def _match(self, token_ids: list[list[int]], patch_features: np.ndarray) -> np.ndarray:
-        return self.inference.match(token_ids, patch_features)
+    def _match(
+        self, token_ids: list[list[int]], patch_features: np.ndarray, tower_similarity: np.ndarray
+    ) -> np.ndarray:
+        return self.inference.match(token_ids, patch_features, tower_similarity=tower_similarity)
 
     def _observe_batch(self, pairs: int, requests: int, seconds: float) -> None:
         self.metrics.rerank_batch_pairs.observe(pairs)
@@ -454,11 +472,6 @@ class _StageTimer:
 
     def finish(self) -> dict[str, float]:
         return {**self.timings, "total": 1000.0 * (time.perf_counter() - self.start)}
-
-
-def _chunks(rows: np.ndarray, size: int) -> Iterator[np.ndarray]:
-    for start in range(0, len(rows), size):
-        yield rows[start : start + size]
 
 
 def bundle_version(manifest: dict[str, Any]) -> str:

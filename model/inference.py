@@ -113,18 +113,33 @@ class FashionBertInference:
 
     @torch.inference_mode()
     def match(
-        self, token_ids: Sequence[Sequence[int]], patch_features: np.ndarray, batch_size: int = 128
+        self,
+        token_ids: Sequence[Sequence[int]],
+        patch_features: np.ndarray,
+        batch_size: int = 128,
+        tower_similarity: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Cross-attention alignment logits of pairs (token_ids[i], patch_features[i]): (n,) float32."""
+        """Cross-attention alignment logits of pairs (token_ids[i], patch_features[i]): (n,) float32.
+
+        `tower_similarity` (n,): the pairs' tower cosine where a recall stage already has it (the
+        service's recall scores); without it the towers run here, catalogue texts through the cache."""
         assert len(token_ids) == len(patch_features), "match scores pairs: one text per image"
         out = []
         for start in range(0, len(token_ids), batch_size):
             chunk = token_ids[start : start + batch_size]
             ids, mask = self.pad(chunk)
             patches = self._patches(patch_features[start : start + batch_size])
-            text_embeddings = torch.from_numpy(self.cached_text_embeddings(chunk)).to(self.device)
+            if tower_similarity is None:
+                text_embeddings = torch.from_numpy(self.cached_text_embeddings(chunk)).to(self.device)
+                similarity = None
+            else:
+                text_embeddings = None
+                similarity = torch.as_tensor(
+                    np.asarray(tower_similarity[start : start + batch_size], np.float32), device=self.device
+                )
             with autocast(self.device):
-                out.append(self.model.match(ids, mask, patches, text_embeddings).float().cpu().numpy())
+                logits = self.model.match(ids, mask, patches, text_embeddings, similarity)
+            out.append(logits.float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
     def cached_text_embeddings(self, token_ids: Sequence[Sequence[int]]) -> np.ndarray:

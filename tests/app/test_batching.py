@@ -14,9 +14,12 @@ from app.batching import MicroBatcher
 pytestmark = pytest.mark.anyio
 
 
-def reference_scores(token_ids: list[list[int]], patch_features: np.ndarray) -> np.ndarray:
-    """A pairwise score that depends on both halves of each pair, to catch a mis-sliced batch."""
-    return np.array([sum(ids) for ids in token_ids], np.float32) + patch_features.sum(axis=(1, 2))
+def reference_scores(
+    token_ids: list[list[int]], patch_features: np.ndarray, tower_similarity: np.ndarray
+) -> np.ndarray:
+    """A pairwise score that depends on every part of each pair, to catch a mis-sliced batch."""
+    texts = np.array([sum(ids) for ids in token_ids], np.float32)
+    return texts + patch_features.sum(axis=(1, 2)) + 1000.0 * tower_similarity
 
 
 class RecordingScorer:
@@ -25,18 +28,20 @@ class RecordingScorer:
         self.threads: set[str] = set()
         self.delay_s = delay_s
 
-    def __call__(self, token_ids: list[list[int]], patch_features: np.ndarray) -> np.ndarray:
+    def __call__(
+        self, token_ids: list[list[int]], patch_features: np.ndarray, tower_similarity: np.ndarray
+    ) -> np.ndarray:
         self.batches.append(len(token_ids))
         self.threads.add(threading.current_thread().name)
         if self.delay_s:
             threading.Event().wait(self.delay_s)
-        return reference_scores(token_ids, patch_features)
+        return reference_scores(token_ids, patch_features, tower_similarity)
 
 
-def request(seed: int, pairs: int) -> tuple[list[list[int]], np.ndarray]:
+def request(seed: int, pairs: int) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     token_ids = [list(rng.integers(0, 100, rng.integers(2, 6))) for _ in range(pairs)]
-    return token_ids, rng.standard_normal((pairs, 3, 2)).astype(np.float32)
+    return token_ids, rng.standard_normal((pairs, 3, 2)).astype(np.float32), rng.random(pairs)
 
 
 async def test_concurrent_requests_share_a_batch_and_get_their_own_slice() -> None:
@@ -47,8 +52,8 @@ async def test_concurrent_requests_share_a_batch_and_get_their_own_slice() -> No
         results = await asyncio.gather(*(batcher.score(*r) for r in requests))
         await batcher.close()
     assert scorer.batches == [18]  # one model call for all five requests
-    for (token_ids, patches), scores in zip(requests, results, strict=True):
-        np.testing.assert_allclose(scores, reference_scores(token_ids, patches))
+    for r, scores in zip(requests, results, strict=True):
+        np.testing.assert_allclose(scores, reference_scores(*r))
     assert all(name.startswith("model") for name in scorer.threads)  # never on the event loop's thread
 
 
@@ -59,8 +64,8 @@ async def test_batches_respect_the_maximum_and_keep_requests_whole() -> None:
     results = await asyncio.gather(*(batcher.score(*r) for r in requests))
     await batcher.close()
     assert scorer.batches == [6, 6, 3, 20]  # 3+3 fit in 8; a request bigger than a batch goes alone
-    for (token_ids, patches), scores in zip(requests, results, strict=True):
-        np.testing.assert_allclose(scores, reference_scores(token_ids, patches))
+    for r, scores in zip(requests, results, strict=True):
+        np.testing.assert_allclose(scores, reference_scores(*r))
 
 
 async def test_requests_arriving_while_the_model_is_busy_form_the_next_batch() -> None:
@@ -88,25 +93,27 @@ async def test_a_failing_request_fails_alone_and_the_batcher_goes_on() -> None:
     poison = -1  # a token id that makes the model raise, wherever it sits in a batch
     calls: list[int] = []
 
-    def fragile(token_ids: list[list[int]], patch_features: np.ndarray) -> np.ndarray:
+    def fragile(token_ids: list[list[int]], patch_features: np.ndarray, similarity: np.ndarray) -> np.ndarray:
         calls.append(len(token_ids))
         if any(poison in ids for ids in token_ids):
             raise RuntimeError("the model failed on this input")
-        return reference_scores(token_ids, patch_features)
+        return reference_scores(token_ids, patch_features, similarity)
 
     batcher = MicroBatcher(fragile, window_s=0.05)
     good = [request(seed, 2) for seed in range(3)]
-    bad_ids, bad_patches = request(9, 2)
+    bad_ids, bad_patches, bad_similarity = request(9, 2)
     bad_ids[1] = [poison]
     results = await asyncio.gather(
-        *(batcher.score(*r) for r in good), batcher.score(bad_ids, bad_patches), return_exceptions=True
+        *(batcher.score(*r) for r in good),
+        batcher.score(bad_ids, bad_patches, bad_similarity),
+        return_exceptions=True,
     )
     assert isinstance(results[-1], RuntimeError)
-    for (token_ids, patches), scores in zip(good, results[:-1], strict=True):
-        np.testing.assert_allclose(scores, reference_scores(token_ids, patches))
+    for r, scores in zip(good, results[:-1], strict=True):
+        np.testing.assert_allclose(scores, reference_scores(*r))
     assert calls == [8, 2, 2, 2, 2]  # the shared batch failed, then each request was scored by itself
-    token_ids, patches = request(7, 4)
-    np.testing.assert_allclose(await batcher.score(token_ids, patches), reference_scores(token_ids, patches))
+    last = request(7, 4)
+    np.testing.assert_allclose(await batcher.score(*last), reference_scores(*last))
     await batcher.close()
 
 
@@ -115,7 +122,7 @@ async def test_requests_that_cannot_share_a_batch_are_scored_alone() -> None:
     scorer = RecordingScorer()
     batcher = MicroBatcher(scorer, window_s=0.05)
     first, second = request(1, 2), request(2, 3)
-    other_grid = (second[0], np.ones((3, 5, 2), np.float32))
+    other_grid = (second[0], np.ones((3, 5, 2), np.float32), second[2])
     results = await asyncio.wait_for(asyncio.gather(batcher.score(*first), batcher.score(*other_grid)), 10)
     np.testing.assert_allclose(results[0], reference_scores(*first))
     np.testing.assert_allclose(results[1], reference_scores(*other_grid))
@@ -139,7 +146,7 @@ async def test_cancelled_requests_are_not_scored() -> None:
 async def test_empty_requests_and_close_fail_waiters() -> None:
     scorer = RecordingScorer(delay_s=0.2)
     batcher = MicroBatcher(scorer, window_s=0.0, max_batch_pairs=1)
-    assert len(await batcher.score([], np.zeros((0, 3, 2), np.float32))) == 0
+    assert len(await batcher.score([], np.zeros((0, 3, 2), np.float32), np.zeros(0))) == 0
     running = asyncio.create_task(batcher.score(*request(0, 1)))
     queued = asyncio.create_task(batcher.score(*request(1, 1)))
     await asyncio.sleep(0.05)

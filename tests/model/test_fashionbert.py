@@ -198,3 +198,18 @@ def test_bf16_weights_score_like_autocast(tiny_checkpoint) -> None:
         bf16.encode_token_ids(token_ids), autocast.encode_token_ids(token_ids), atol=0.03
     )
     np.testing.assert_allclose(bf16.match(token_ids, patches), autocast.match(token_ids, patches), atol=0.1)
+
+
+def test_match_takes_the_tower_cosine_from_recall(tiny: FashionBert, tokenizer) -> None:
+    """The service hands over its recall scores as the tower term: the same logits, and no tower runs
+    (an image query's candidate texts are never embedded)."""
+    inference = FashionBertInference(tiny, tokenizer, device="cpu")
+    token_ids = inference.tokenize(["black satin midi skirt", "red wool coat", "green linen shirt"])
+    patches = np.random.default_rng(0).standard_normal((3, 16, 32)).astype(np.float32)
+    cosine = (inference.encode_token_ids(token_ids) * inference.encode_images(patches)).sum(-1)
+    inference._text_cache.clear()
+    given = inference.match(token_ids, patches, tower_similarity=cosine)
+    assert len(inference._text_cache) == 0  # no text went through the tower
+    np.testing.assert_allclose(given, inference.match(token_ids, patches), atol=0.05)
+    shifted = inference.match(token_ids, patches, tower_similarity=cosine + 0.1)
+    np.testing.assert_allclose(shifted - given, 0.1 * float(tiny.tower_scale.detach()), atol=0.05)
