@@ -230,8 +230,7 @@ def bf16_matmul_tflops(size: int = 2048, seconds: float = 3.0) -> float:
 
 def flops_per_pair(model_dir: str, text_tokens: float) -> float:
     """Forward FLOPs of re-ranking one (text, image) pair (matmuls only): the joint pass over text and
-    pooled patches. Text-tower passes are left out: a text query embeds its text once, and the
-    inference cache embeds each catalogue text once, so the figure is a lower bound."""
+    pooled patches, all the re-rank computes (its tower term is the recall score)."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
     bert = config["bert"]
     hidden, layers = bert["hidden_size"], bert["num_hidden_layers"]
