@@ -1,7 +1,8 @@
 """Patch-feature codec: (N, D) float patches per item <-> compact uint8 codes, through faiss' standalone codecs.
 
-Re-ranking needs every shortlisted item's patch features; stored raw they are 160 KB an item. A faiss
-codec (default `PQ64`: 64 bytes per 1280-d patch) brings that to 4 KB, decoded only for the shortlist.
+Re-ranking needs every shortlisted item's patch grid; stored raw it is 40 KB an item (16 pooled 1280-d
+patches in float16). A faiss codec (default `PQ64`: 64 bytes a patch) brings that to 1 KB, decoded only
+for the shortlist.
 """
 
 from __future__ import annotations

@@ -30,9 +30,10 @@ class IndexConfig:
     # (after a first PQ of 40 k-means rounds) made OPQ most of a CPU build; 4 loses nothing measurable.
     opq_iterations: int = 4
     # faiss factory string of the patch-feature codec (used through sa_encode / sa_decode): PQ64 on
-    # 1280-d patches is 64 bytes a patch, 4 KB an item against 160 KB of float16.
+    # 1280-d patches is 64 bytes a patch, 1 KB an item (16 pooled patches) against 160 KB of float16.
     patch_codec: str = "PQ64"
-    codec_train_items: int = 512  # items whose patches (64 each, 128 per PQ centroid) train the codec
+    # Items whose stored patches (16 pooled each) train the codec: 2,048 give 128 per PQ centroid.
+    codec_train_items: int = 2048
     chunk_items: int = 1024  # items encoded per pass: bounds memory to one chunk of float16 patches
     batch_size: int = 128  # model batch for the image and text towers
     use_gpu: bool = True  # train and add on the GPU when faiss-gpu sees one; the bundle is always CPU
