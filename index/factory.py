@@ -85,6 +85,7 @@ def new_index(factory: str, dim: int, config: IndexConfig) -> faiss.Index:
     for sub in sub_indexes(index):
         if isinstance(sub, faiss.IndexIVFPQ | faiss.IndexPQ):
             sub.do_polysemous_training = False  # only polysemous search uses it, and it is slow
+            sub.pq.cp.niter = config.pq_iterations
         if isinstance(sub, faiss.IndexIVF):
             sub.nprobe = min(config.nprobe, sub.nlist)
         if isinstance(sub, faiss.IndexRefine):

@@ -13,7 +13,15 @@ import index.factory
 from index.build import build_bundle
 from index.bundle import Bundle
 from index.config import IndexConfig
-from index.factory import add_vectors, build_index, choose_factory, choose_nlist, new_index, train_index
+from index.factory import (
+    add_vectors,
+    build_index,
+    choose_factory,
+    choose_nlist,
+    new_index,
+    sub_indexes,
+    train_index,
+)
 from index.search import filtered_search
 from tests.index.conftest import TEST_CONFIG, StubEncoder, synthetic_catalogue, synthetic_features
 
@@ -75,6 +83,8 @@ def test_ivfpq_recall_against_exact_inner_product() -> None:
 
     plain, factory, _ = build_index(base, IndexConfig(exact_below=0, refine="", nprobe=16))
     assert factory.startswith("OPQ8,IVF128,PQ8")
+    ivfpq = next(sub for sub in sub_indexes(plain) if isinstance(sub, faiss.IndexIVFPQ))
+    assert ivfpq.pq.cp.niter == IndexConfig().pq_iterations  # the recall below is with 10 k-means rounds
     refined, _, _ = build_index(base, IndexConfig(exact_below=0, refine="SQ8", nprobe=16))
     _, approx = filtered_search(plain, queries, k)
     _, approx_refined = filtered_search(refined, queries, k)
