@@ -374,8 +374,8 @@ class SearchService:
         scores = []
         # Chunks of one batch each keep a brute-force request's patch features from all sitting in memory.
         for start in range(0, count, self.settings.max_batch_pairs):
-            chunk = rows[start : min(count, start + self.settings.max_batch_pairs)]
-            similarity = recall_scores[start : start + len(chunk)]
+            stop = min(count, start + self.settings.max_batch_pairs)
+            chunk, similarity = rows[start:stop], recall_scores[start:stop]
             if modality == "text":  # (query text, candidate image)
                 token_ids: Sequence[Sequence[int]] = [query_side] * len(chunk)
                 patch_features = await asyncio.to_thread(bundle.patch_features, chunk)  # (n, N, D)

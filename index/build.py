@@ -176,14 +176,7 @@ def _encode(
 ) -> _Encoded:
     """One pass over the catalogues in chunks: towers, tokens and the codes of the patch grid pooled
     `pool` x `pool` (the grid the encoder reads); metadata rows into `db`."""
-    encoder, patch_features, codec, pool, config, report = (
-        job.encoder,
-        job.patch_features,
-        job.codec,
-        job.pool,
-        job.config,
-        job.report,
-    )
+    encoder, config, report = job.encoder, job.config, job.report
     encoded = _Encoded()
     stages = report.stages
     expected = (encoder.config.num_patches, encoder.config.patch_feature_dim)
@@ -211,7 +204,7 @@ def _encode(
             for start in range(0, len(fresh), config.chunk_items):
                 chunk = fresh[start : start + config.chunk_items]
                 t = time.perf_counter()
-                kept, features = patch_features(catalogue.subset(chunk))
+                kept, features = job.patch_features(catalogue.subset(chunk))
                 t = timed("patch_features", t)
                 report.skipped_unreadable += len(chunk) - len(kept)
                 bar.update(len(chunk))
@@ -236,7 +229,7 @@ def _encode(
                     padded[i, : lengths[i]] = ids[:max_len]
                 encoded.token_ids.append(padded)
                 encoded.token_lengths.append(lengths)
-                codes_out.write(encode_patches(codec, pool_grid(features, pool)).tobytes())
+                codes_out.write(encode_patches(job.codec, pool_grid(features, job.pool)).tobytes())
                 t = timed("patch_codes", t)
 
                 metadata.insert_items(db, row, kept.items, catalogue.source)

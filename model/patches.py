@@ -6,6 +6,8 @@ detail a description names (a collar, a hem) and a stretch changes the garment's
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -91,7 +93,7 @@ def pool_grid(patch_features: np.ndarray, pool: int) -> np.ndarray:
     if pool == 1:
         return patch_features
     n, count, dim = patch_features.shape
-    grid = int(round(count**0.5))
+    grid = math.isqrt(count)
     assert grid * grid == count and grid % pool == 0, f"{count} patches do not pool {pool} x {pool}"
     cells = patch_features.reshape(n, grid // pool, pool, grid // pool, pool, dim)
     # Accumulate in float32 without a float32 copy of the whole grid (a chunk of features is 100s of MB).

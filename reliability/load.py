@@ -149,6 +149,14 @@ async def load_with_samples(
     return stats, samples, idle_before, process_figures(pid)
 
 
+def after_warmup(
+    samples: Sequence[tuple[float, dict[str, float]]], warmup_s: float, name: str
+) -> list[tuple[float, float]]:
+    """(time, value of `name`) of every sample from the end of the warm-up; the last one if none is."""
+    after = [(at, figures[name]) for at, figures in samples if at >= warmup_s]
+    return after or [(samples[-1][0], samples[-1][1][name])]
+
+
 def growth(
     samples: Sequence[tuple[float, dict[str, float]]], warmup_s: float, name: str, window_s: float = 60.0
 ) -> tuple[float, float]:
@@ -157,9 +165,7 @@ def growth(
     Resident memory swings with the requests in flight (tens of MiB at concurrency 32, freed when they
     finish); one sample at each end measures where the swing happened to be, not growth. A leak moves
     the whole level, so it moves both medians apart."""
-    after = [(at, figures[name]) for at, figures in samples if at >= warmup_s] or [
-        (samples[-1][0], samples[-1][1][name])
-    ]
+    after = after_warmup(samples, warmup_s, name)
     first, last = after[0][0], after[-1][0]
     start = [value for at, value in after if at <= first + window_s]
     end = [value for at, value in after if at >= last - window_s]
@@ -168,7 +174,7 @@ def growth(
 
 def trend_per_minute(samples: Sequence[tuple[float, dict[str, float]]], warmup_s: float, name: str) -> float:
     """Least-squares slope of `name` after the warm-up, per minute: a leak's steady climb."""
-    after = [(at, figures[name]) for at, figures in samples if at >= warmup_s]
+    after = after_warmup(samples, warmup_s, name)
     if len(after) < 2:
         return 0.0
     times, values = zip(*after, strict=True)
@@ -229,7 +235,8 @@ def run(
         tracebacks = service.log().count("Traceback")
     rss_start, rss_end = growth(samples, warmup_s, "rss_mib")
     fds_start, fds_end = growth(samples, warmup_s, "fds")
-    fds_max = max([figures["fds"] for at, figures in samples if at >= warmup_s] or [fds_end])
+    fds_max = max(value for _, value in after_warmup(samples, warmup_s, "fds"))
+    rss_after = [value for _, value in after_warmup(samples, warmup_s, "rss_mib")]
     settings = {"max_queue_depth": overload_depth}
     with running_service(model, index, workdir / "overload.server.log", settings) as service:
         flood = asyncio.run(
@@ -250,10 +257,7 @@ def run(
         "rss_mib_end": rss_end,
         "rss_growth_pct": 100 * (rss_end - rss_start) / rss_start,
         "rss_trend_mib_per_min": trend_per_minute(samples, warmup_s, "rss_mib"),
-        "rss_mib_range_after_warmup": [
-            min(f["rss_mib"] for at, f in samples if at >= warmup_s),
-            max(f["rss_mib"] for at, f in samples if at >= warmup_s),
-        ],
+        "rss_mib_range_after_warmup": [min(rss_after), max(rss_after)],
         "fds_after_warmup": fds_start,
         "fds_end": fds_end,
         "fds_max_after_warmup": fds_max,
