@@ -101,13 +101,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     if unknown := set(tasks) - set(TASKS):
         raise SystemExit(f"error: unknown tasks {sorted(unknown)}; choose from {','.join(TASKS)}")
     torch.manual_seed(args.seed)
-    config, patch_config = _model_and_patch_config(args)
+    if args.init:  # fine-tune a trained checkpoint: its model shape and patch features, not the flags'
+        from model.checkpoint import load_checkpoint
+        from model.patch_features import PatchFeatureConfig
+
+        model, tokenizer = load_checkpoint(args.init)
+        config = model.config
+        patch_config = PatchFeatureConfig.from_dict(config.patch_features)
+    else:
+        config, patch_config = _model_and_patch_config(args)
+        model, tokenizer = build_model(config, pretrained=not args.tiny)
     catalogue = load_catalogue(args.data, limit=args.limit)
     kept, features = catalogue_features(catalogue, args.cache, patch_config)
     (train, train_features), (validation, validation_features) = split_with_features(
         kept, features, args.val_fraction, seed=args.split_seed
     )
-    model, tokenizer = build_model(config, pretrained=not args.tiny)
     train_config = TrainConfig(
         batch_size=args.batch_size,
         max_steps=args.steps,
@@ -117,6 +125,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         head_learning_rate=10 * args.lr,
         warmup_steps=args.warmup_steps,
         negative_temperature=args.negative_temperature or None,
+        mine_top_k=args.mine_top_k,
+        mine_every=args.mine_every,
+        negatives_per_item=args.negatives_per_item,
+        validation_negatives=args.validation_negatives,
         tasks=tasks,
         adaptive=not args.fixed_weights,
         seed=args.seed,
@@ -472,6 +484,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.05,
         help="draw hard negatives by tower similarity at this temperature; 0 = uniform (the paper)",
+    )
+    p.add_argument(
+        "--mine-top-k",
+        type=int,
+        default=0,
+        help="draw false pairs from each item's top K in the whole train split by the towers (the "
+        "recall stage's confusions) instead of from the batch; 0 = from the batch",
+    )
+    p.add_argument("--mine-every", type=int, default=200, help="steps between refreshes of the mined pool")
+    p.add_argument("--negatives-per-item", type=int, default=1, help="false pairs per item with --mine-top-k")
+    p.add_argument(
+        "--init", default=None, help="start from this checkpoint's weights (fine-tuning), not the BERT alone"
+    )
+    p.add_argument(
+        "--validation-negatives", type=int, default=10, help="negatives per query of the quick validation"
     )
     p.add_argument(
         "--tasks",

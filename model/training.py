@@ -2,10 +2,12 @@
 
 One step on a batch of B catalogue items:
 1. the recall towers embed every text and image alone (symmetric in-batch InfoNCE);
-2. each item gets one false pair, its image or its text swapped for a hard negative from the batch:
-   same sub-category, falling back to category, then anything, drawn by the towers' similarity (the
-   batch is built from small same-sub-category groups so such negatives exist);
-3. the joint encoder reads the B true and B false pairs, masked (MLM, MPM, alignment in one pass);
+2. each item gets false pairs, its image or its text swapped for a hard negative: by default one from the
+   batch, same sub-category, falling back to category, then anything, drawn by the towers' similarity
+   (the batch is built from small same-sub-category groups so such negatives exist); with `mine_top_k`,
+   `negatives_per_item` drawn from the item's top K in the whole train split by the towers, the very
+   confusions the re-ranker meets behind the recall stage;
+3. the joint encoder reads the true and false pairs, masked (MLM, MPM, alignment in one pass);
 4. the adaptive loss solves the task weights and the step descends the weighted sum.
 """
 
@@ -47,6 +49,11 @@ class TrainConfig:
     group_size: int = 4  # items per same-sub-category group in a batch (hard negatives)
     # Mine negatives by tower similarity at this softmax temperature; None = uniform (the paper).
     negative_temperature: float | None = 0.05
+    # Mine negatives from each item's top K in the whole train split (0 = from the batch, as above),
+    # refreshed every `mine_every` steps, `negatives_per_item` false pairs per item.
+    mine_top_k: int = 0
+    mine_every: int = 200
+    negatives_per_item: int = 1
     max_steps: int | None = None
     epochs: float | None = None
     budget_minutes: float | None = None
@@ -116,6 +123,57 @@ def pick_hard_negatives(
     return choice
 
 
+def mine_neighbours(
+    text_embeddings: np.ndarray, image_embeddings: np.ndarray, codes: np.ndarray, k: int, chunk: int = 2048
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each item's k nearest images for its text (t2i) and k nearest texts for its image (i2t) by tower
+    cosine, leaving out the item and every item with the same text (those count as correct, not as
+    negatives): two (n, k) index tensors, -1 where fewer than k items qualify."""
+    texts, images = torch.from_numpy(text_embeddings).float(), torch.from_numpy(image_embeddings).float()
+    codes_t = torch.from_numpy(codes)
+    k = min(k, len(codes))
+
+    def nearest(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for start in range(0, len(queries), chunk):
+            similarity = queries[start : start + chunk] @ keys.T
+            same_text = codes_t[start : start + chunk, None] == codes_t[None, :]
+            similarity.masked_fill_(same_text, -math.inf)
+            values, indices = similarity.topk(k, dim=1)
+            rows.append(indices.masked_fill_(values == -math.inf, -1))
+        return torch.cat(rows)
+
+    return nearest(texts, images), nearest(images, texts)
+
+
+def draw_mined_negatives(
+    neighbours: tuple[torch.Tensor, torch.Tensor],
+    indices: list[int],
+    per_item: int,
+    generator: torch.Generator,
+) -> list[tuple[int, int, int]]:
+    """`per_item` false pairs for each batch row, as (row, text item, image item) with global item indices,
+    alternating which side is swapped so both ranking directions are trained; each drawn without
+    replacement from the item's mined neighbours (any other item when it has none)."""
+    t2i, i2t = neighbours
+    n = len(t2i)
+    pairs = []
+    for row, item in enumerate(indices):
+        sides = [(row + j) % 2 for j in range(per_item)]
+        for side, table in ((0, t2i), (1, i2t)):
+            wanted = sides.count(side)
+            if not wanted:
+                continue
+            pool = table[item][table[item] >= 0]
+            if len(pool) == 0:
+                pool = torch.tensor([j for j in range(n) if j != item] or [item])
+            picks = pool[torch.randperm(len(pool), generator=generator)[:wanted]]
+            picks = picks[torch.arange(wanted) % len(picks)]  # a pool smaller than wanted repeats
+            for other in picks.tolist():
+                pairs.append((row, item, other) if side == 0 else (row, other, item))
+    return pairs
+
+
 class Trainer:
     """Owns the model, optimiser, schedule and the output folder of one training run."""
 
@@ -140,6 +198,8 @@ class Trainer:
         self.step, self.best_score, self.elapsed = 0, -math.inf, 0.0
         self.rng = random.Random(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
+        self.neighbours: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.mined_at = 0
 
         encoder_params = list(model.bert.parameters())
         encoder_ids = {id(p) for p in encoder_params}
@@ -188,28 +248,42 @@ class Trainer:
 
     def task_losses(self, indices: list[int], data: TrainingData) -> dict[str, torch.Tensor]:
         """The four task losses of one batch (graph kept for the adaptive weighting)."""
-        model, device = self.model, self.device
-        ids, mask, patches = self._batch(indices, data)
+        model, device, config = self.model, self.device, self.config
         b = len(indices)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
-            text_embeddings = model.encode_text(ids.to(device), mask.to(device))  # (B, E)
-            image_embeddings = model.encode_image(patches.to(device))  # (B, E)
-        similarity = text_embeddings.detach() @ image_embeddings.detach().T  # (B, B)
-        meta = [data.subcategories[i] for i in indices], [data.categories[i] for i in indices]
-        texts = [data.texts[i] for i in indices]
-        temperature = self.config.negative_temperature
-        mined = similarity if temperature else None
-        negative_image = pick_hard_negatives(mined, *meta, texts, self.generator, temperature or 1.0)
-        negative_text = pick_hard_negatives(
-            None if mined is None else mined.T, *meta, texts, self.generator, temperature or 1.0
-        )
-        # Pairs: every true (text_i, image_i), and one false pair per item, alternating which side is
-        # swapped so both ranking directions are trained: (text_i, image_neg) or (text_neg, image_i).
-        rows = torch.arange(b)
-        swap_image = rows % 2 == 0
-        text_rows = torch.cat([rows, torch.where(swap_image, rows, negative_text)])
-        image_rows = torch.cat([rows, torch.where(swap_image, negative_image, rows)])
-        labels = torch.cat([torch.ones(b), torch.zeros(b)])
+        if config.mine_top_k:
+            # False pairs from the whole split; their items join the batch after its own b rows.
+            mined = draw_mined_negatives(self.neighbours, indices, config.negatives_per_item, self.generator)
+            extra = sorted({i for _, t, m in mined for i in (t, m)} - set(indices))
+            items = indices + extra
+            row_of = {item: row for row, item in enumerate(items)}
+            false_text = torch.tensor([row_of[t] for _, t, _ in mined], dtype=torch.long)
+            false_image = torch.tensor([row_of[m] for _, _, m in mined], dtype=torch.long)
+        else:
+            items = indices
+        ids, mask, patches = self._batch(items, data)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            text_embeddings = model.encode_text(ids.to(device), mask.to(device))  # (len(items), E)
+            image_embeddings = model.encode_image(patches.to(device))  # (len(items), E)
+        if not config.mine_top_k:
+            similarity = text_embeddings.detach() @ image_embeddings.detach().T  # (B, B)
+            meta = [data.subcategories[i] for i in indices], [data.categories[i] for i in indices]
+            texts = [data.texts[i] for i in indices]
+            temperature = config.negative_temperature
+            scores = similarity if temperature else None
+            negative_image = pick_hard_negatives(scores, *meta, texts, self.generator, temperature or 1.0)
+            negative_text = pick_hard_negatives(
+                None if scores is None else scores.T, *meta, texts, self.generator, temperature or 1.0
+            )
+            # One false pair per item, alternating which side is swapped so both ranking directions are
+            # trained: (text_i, image_neg) or (text_neg, image_i).
+            rows = torch.arange(b)
+            swap_image = rows % 2 == 0
+            false_text = torch.where(swap_image, rows, negative_text)
+            false_image = torch.where(swap_image, negative_image, rows)
+        # Pairs: every true (text_i, image_i), then the false ones.
+        text_rows = torch.cat([torch.arange(b), false_text])
+        image_rows = torch.cat([torch.arange(b), false_image])
+        labels = torch.cat([torch.ones(b), torch.zeros(len(false_text))])
         pair_ids, pair_mask, pair_patches = ids[text_rows], mask[text_rows], patches[image_rows]
         special = torch.tensor(
             [
@@ -230,8 +304,8 @@ class Trainer:
             model.pool_patches(pair_patches), model.config.mpm_probability, self.generator
         )
         # The alignment logit adds the towers' cosine of each pair (see FashionBert.alignment_logits).
-        tower_similarity = (text_embeddings[text_rows] * image_embeddings[image_rows]).sum(-1)  # (2B,)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+        tower_similarity = (text_embeddings[text_rows] * image_embeddings[image_rows]).sum(-1)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
             outputs = self.pretraining(
                 masked_ids.to(device),
                 pair_mask.to(device),
@@ -244,11 +318,25 @@ class Trainer:
             "mlm": masked_language_loss(outputs.mlm_logits, mlm_targets.to(device)),
             "mpm": masked_patch_loss(outputs.mpm_predictions, mpm_targets.to(device)),
             "alignment": alignment_loss(outputs.alignment_logits, labels.to(device)),
-            "contrastive": contrastive_loss(
-                text_embeddings, image_embeddings, model.logit_scale.exp().clamp(max=100)
+            "contrastive": contrastive_loss(  # in-batch InfoNCE over the batch's own items
+                text_embeddings[:b], image_embeddings[:b], model.logit_scale.exp().clamp(max=100)
             ),
         }
-        return {name: losses[name] for name in self.config.tasks}
+        return {name: losses[name] for name in config.tasks}
+
+    def mine(self) -> None:
+        """Refresh every train item's tower neighbours (the pool `mine_top_k` draws false pairs from)."""
+        from model.evaluation import text_codes
+
+        data = self.train_data
+        inference = FashionBertInference(self.model, self.tokenizer, device=self.device)
+        self.neighbours = mine_neighbours(
+            inference.encode_token_ids(data.token_ids),
+            inference.encode_images(data.patch_features),
+            text_codes(data.catalogue),
+            self.config.mine_top_k,
+        )
+        self.mined_at = self.step
 
     def _set_learning_rate(self) -> float:
         warmup = min(1.0, (self.step + 1) / max(1, self.config.warmup_steps))
@@ -262,6 +350,11 @@ class Trainer:
         self.model.train()
         self.pretraining.train()
         self._set_learning_rate()
+        if self.config.mine_top_k and (
+            self.neighbours is None or self.step - self.mined_at >= self.config.mine_every
+        ):
+            self.mine()
+            self.model.train()
         losses = self.task_losses(indices, self.train_data)
         weighted = self.loss(losses)
         self.optimizer.zero_grad(set_to_none=True)

@@ -12,7 +12,7 @@ from model.data import prepare_data
 from model.evaluation import EvalConfig, evaluate_sampled
 from model.inference import FashionBertInference
 from model.patch_features import PatchFeatureConfig
-from model.training import TrainConfig, Trainer, build_model
+from model.training import TrainConfig, Trainer, build_model, draw_mined_negatives, mine_neighbours
 
 
 def tiny_trainer(hm_slice, out, **overrides) -> Trainer:
@@ -84,3 +84,49 @@ def test_resume_continues_from_the_last_step(hm_slice, tmp_path) -> None:
     summary = json.loads((tmp_path / "run" / "best" / "summary.json").read_text())
     assert summary["steps"] in (3, 5)
     assert np.isfinite(summary["wall_time_s"])
+
+
+def test_mined_neighbours_are_the_nearest_items_with_a_different_text() -> None:
+    # Item 0's text points at image 1, then image 2; item 3 shares item 0's text, so it is never a negative.
+    texts = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [1.0, 0.0]], np.float32)
+    images = np.array([[0.0, 1.0], [0.9, 0.1], [0.7, 0.7], [1.0, 0.0]], np.float32)
+    codes = np.array([0, 1, 2, 0])
+    t2i, i2t = mine_neighbours(texts, images, codes, k=3)
+    assert t2i[0].tolist() == [1, 2, -1]  # itself and its twin 3 left out: only two qualify
+    assert t2i[1].tolist() == [0, 2, 3]  # item 3's text differs from item 1's
+    # Image 1 ([0.9, 0.1]) is nearest the texts [1, 0] of items 0 and 3, then item 2's text.
+    assert sorted(i2t[1][:2].tolist()) == [0, 3] and i2t[1][2] == 2
+
+
+def test_mined_negatives_alternate_sides_and_come_from_the_pool() -> None:
+    t2i = torch.tensor([[1, 2], [0, 2], [0, 1]])
+    i2t = torch.tensor([[2, -1], [2, -1], [1, -1]])
+    pairs = draw_mined_negatives(
+        (t2i, i2t), [0, 1, 2], per_item=3, generator=torch.Generator().manual_seed(0)
+    )
+    assert len(pairs) == 9
+    for row, text, image in pairs:
+        item = [0, 1, 2][row]
+        assert (text == item) != (image == item)  # exactly one side swapped
+        if text == item:
+            assert image in t2i[item].tolist()
+        else:
+            assert text in i2t[item][i2t[item] >= 0].tolist()
+    swapped_images = sum(text == [0, 1, 2][row] for row, text, _ in pairs)
+    assert swapped_images in (4, 5)  # sides alternate: 2 + 1 + 2 or 1 + 2 + 1 of the nine
+
+
+def test_training_on_mined_negatives_runs_and_refreshes_the_pool(hm_slice, tmp_path) -> None:
+    trainer = tiny_trainer(
+        hm_slice, tmp_path / "run", max_steps=5, mine_top_k=8, mine_every=3, negatives_per_item=3
+    )
+    trainer.mine()
+    losses = trainer.task_losses(list(range(16)), trainer.train_data)
+    assert set(losses) == {"mlm", "mpm", "alignment", "contrastive"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    trainer.neighbours = None
+    trainer.fit()
+    assert trainer.step == 5
+    assert trainer.mined_at == 3  # mined at step 0, refreshed at step 3
+    t2i, i2t = trainer.neighbours
+    assert t2i.shape == i2t.shape == (len(trainer.train_data), 8)
