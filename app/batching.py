@@ -1,8 +1,8 @@
 """Dynamic micro-batching of cross-encoder work: many requests' (text, image) pairs, one `match` call.
 
 A request's pairs wait at most `window_s` for company; whatever queued while the model was busy joins
-the next batch at once, so batches grow with load and throughput with them. The model runs on the
-caller's executor (one dedicated thread), never on the event loop.
+the next batch at once, so batches grow with load and throughput with them. The model runs through the
+caller's `run` (the service's ModelLane: one call at a time on a model thread), never on the event loop.
 """
 
 from __future__ import annotations
@@ -11,17 +11,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from app.model_lane import ModelLaneExhausted
 
 logger = logging.getLogger(__name__)
 
 # (token_ids, patch_features (n, N, D), tower similarity (n,)) -> (n,) logits
 ScoreFn = Callable[[list[list[int]], np.ndarray, np.ndarray], np.ndarray]
 BatchObserver = Callable[[int, int, float], None]  # (pairs, requests, compute seconds)
+RunFn = Callable[..., Awaitable[np.ndarray]]  # run(score_fn, *args) off the event loop
 
 
 @dataclass
@@ -41,14 +43,14 @@ class MicroBatcher:
     def __init__(
         self,
         score_fn: ScoreFn,
-        executor: Executor | None = None,
+        run: RunFn | None = None,
         window_s: float = 0.002,
         max_batch_pairs: int = 256,
         on_batch: BatchObserver | None = None,
     ) -> None:
         assert max_batch_pairs >= 1, "a batch must hold at least one pair"
         self.score_fn = score_fn
-        self.executor = executor
+        self.run = run or asyncio.to_thread
         self.window_s = window_s
         self.max_batch_pairs = max_batch_pairs
         self.on_batch = on_batch
@@ -118,7 +120,6 @@ class MicroBatcher:
         return batch
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = [item for item in await self._next_batch() if not item.future.done()]  # drop cancelled
             if not batch:
@@ -133,14 +134,17 @@ class MicroBatcher:
                     else np.concatenate([item.patch_features for item in batch])  # (sum n, N, D)
                 )
                 similarity = np.concatenate([item.tower_similarity for item in batch])
-                scores = await loop.run_in_executor(
-                    self.executor, self.score_fn, token_ids, patch_features, similarity
-                )
+                scores = await self.run(self.score_fn, token_ids, patch_features, similarity)
             except asyncio.CancelledError:  # shutting down: nobody will answer these requests
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(RuntimeError("the re-ranker shut down"))
                 raise
+            except (asyncio.TimeoutError, ModelLaneExhausted) as error:  # the model, not a request, failed
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(error)
+                continue
             except Exception:  # one bad request fails itself, not its batch-mates nor the batcher
                 logger.exception(
                     "re-rank batch of %d pairs failed; scoring its requests one by one", len(token_ids)
@@ -157,14 +161,12 @@ class MicroBatcher:
 
     async def _score_alone(self, batch: list[_Pending]) -> None:
         """After a failed batch, score each request by itself so only the one that fails gets the error."""
-        loop = asyncio.get_running_loop()
         for item in batch:
             if item.future.done():
                 continue
             start = time.perf_counter()
             try:
-                scores = await loop.run_in_executor(
-                    self.executor,
+                scores = await self.run(
                     self.score_fn,
                     [list(ids) for ids in item.token_ids],
                     item.patch_features,

@@ -33,6 +33,9 @@ def get_service(request: Request) -> SearchService:
     if service is None or not service.ready:
         reason = request.app.state.startup_error or "the model and index are still loading"
         raise ApiError(503, "not_ready", reason, headers={"Retry-After": "5"})
+    if service.model_lane.exhausted:
+        reason = f"{service.model_lane.abandoned} model calls are stuck; waiting for one to return"
+        raise ApiError(503, "not_ready", reason, headers={"Retry-After": "5"})
     return service
 
 

@@ -14,7 +14,6 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
@@ -26,6 +25,7 @@ from app.batching import MicroBatcher
 from app.errors import ApiError
 from app.images import decode_image
 from app.metrics import Metrics
+from app.model_lane import ModelLane, ModelLaneExhausted
 from app.settings import Settings
 from model.evaluation import Scorer
 from model.ranking import rerank_order
@@ -162,12 +162,13 @@ class SearchService:
         self.device = device
         self.bundle_opener = bundle_opener or self._open_bundle
         self.ready = False
-        # One thread owns the model: calls never overlap (no contention for cores or GPU) and never run
-        # on the event loop; torch releases the GIL while it computes.
-        self.model_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        # Model calls take turns on a model thread: never overlapping (no contention for cores or GPU),
+        # never on the event loop (torch releases the GIL while it computes), and a hung one is abandoned
+        # at its deadline instead of holding every call behind it.
+        self.model_lane = ModelLane(settings.model_call_timeout_s, settings.max_abandoned_model_calls)
         self.batcher = MicroBatcher(
             self._match,
-            executor=self.model_executor,
+            run=self.model_lane.run,
             window_s=settings.batch_window_ms / 1000.0,
             max_batch_pairs=settings.max_batch_pairs,
             on_batch=self._observe_batch,
@@ -191,7 +192,7 @@ class SearchService:
         self.ready = False
         self.metrics.ready.set(0)
         await self.batcher.close()
-        self.model_executor.shutdown(wait=False, cancel_futures=True)
+        self.model_lane.shutdown()
 
     async def warm_up(self, bundle: SearchBundle) -> None:
         """One text and one image search through every stage, so the first user pays no one-off costs."""
@@ -309,9 +310,13 @@ class SearchService:
         except ApiError:
             raise
         except asyncio.TimeoutError as error:  # the builtin TimeoutError only from 3.11
-            logger.warning("the %s stage took longer than %g s", name, timeout_s)
+            # The stage's own limit, or its model call's (app.model_lane), which says so in the error.
+            reason = str(error) or f"the {name} stage took longer than {timeout_s:g} s"
+            logger.warning("%s: %s", name, reason)
+            raise ApiError(504, "stage_timeout", f"{name}: {reason}") from error
+        except ModelLaneExhausted as error:
             raise ApiError(
-                504, "stage_timeout", f"the {name} stage took longer than {timeout_s:g} s"
+                503, "model_stuck", "model calls are stuck; retry shortly", headers={"Retry-After": "5"}
             ) from error
         except Exception as error:
             logger.exception("the %s stage failed", name)
@@ -437,7 +442,7 @@ class SearchService:
         self.metrics.rerank_queue.set(self.batcher.queued)
 
     async def _in_model_thread(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.model_executor, fn, *args)
+        return await self.model_lane.run(fn, *args)
 
     @contextlib.contextmanager
     def _admitted(self, record: bool = True) -> Iterator[None]:

@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     # Per-stage time limits: a stage past its limit answers 504, so one stuck request cannot hold a client.
     decode_timeout_s: float = Field(default=10.0, gt=0)  # decoding an uploaded image
     stage_timeout_s: float = Field(default=30.0, gt=0)  # each of encode, recall and re-rank
+    # A model call past this is abandoned and the next starts on a spare thread (see app.model_lane); past
+    # `max_abandoned_model_calls` still running, searches get 503 and /readyz says not ready.
+    model_call_timeout_s: float = Field(default=10.0, gt=0)
+    max_abandoned_model_calls: int = Field(default=2, ge=0)
 
     @field_validator("cors_origins", "bundle_roots", mode="before")
     @classmethod

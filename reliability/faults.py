@@ -446,11 +446,7 @@ async def _stage_faults(base_url: str, queries: Sequence[Query]) -> list[Fault]:
             body = response.json()
             answered = response.status_code == status and body.get("error", {}).get("code") == code
             neighbours_ok = neighbours.statuses[200] == neighbours.sent > 0
-            # One model thread: a slow model call holds the requests queued behind it for its duration.
-            shares_thread = name.startswith("slow model")
-            survived = (
-                answered and (neighbours_ok or shares_thread) and good_after.statuses[200] == good_after.sent
-            )
+            survived = answered and neighbours_ok and good_after.statuses[200] == good_after.sent
             detail = (
                 f"answered {response.status_code} {body.get('error', {}).get('code')}; neighbours "
                 f"{neighbours.statuses[200]}/{neighbours.sent} served"
@@ -469,7 +465,8 @@ async def _stage_faults(base_url: str, queries: Sequence[Query]) -> list[Fault]:
 
 
 def stage_faults(model: Path, index: Path, workdir: Path) -> list[Fault]:
-    settings = {"decode_timeout_s": 1.0, "stage_timeout_s": 2.0}
+    # The slow model call (2.5 s) passes its 1 s call limit: abandoned, the requests behind it go on.
+    settings = {"decode_timeout_s": 1.0, "stage_timeout_s": 2.0, "model_call_timeout_s": 1.0}
     queries = bundle_queries(index, 8)
     with running_service(
         model, index, workdir / "stages.server.log", settings, faults=True, slow_s=2.5

@@ -435,6 +435,36 @@ async def test_overload_is_503_with_retry_after(fake_bundle: FakeBundle) -> None
         assert [(await task).status_code for task in held] == [200, 200]
 
 
+async def test_hung_model_calls_are_abandoned_and_too_many_make_the_service_unready(
+    fake_bundle: FakeBundle,
+) -> None:
+    settings = make_settings(model_call_timeout_s=0.3, max_abandoned_model_calls=0)
+    app = create_app(settings, loader=fake_loader(fake_bundle))
+    async with serve_asgi(app) as client:
+        service: SearchService = app.state.service
+        release = threading.Event()
+        tokenize = service.inference.tokenize
+
+        def hanging_tokenize(texts: Any) -> Any:
+            if any("hang" in text for text in texts):
+                release.wait()
+            return tokenize(texts)
+
+        service.inference.tokenize = hanging_tokenize  # type: ignore[method-assign]
+        hung = await client.post("/search/text", json={"query": "hang here"})
+        assert_error(hung, 504, "stage_timeout")
+        assert "model call" in hung.json()["error"]["message"]
+        # Its thread is still stuck and no spare is allowed: not ready, searches refused, clearly.
+        assert_error(await client.get("/readyz"), 503, "not_ready")
+        assert_error(await client.post("/search/text", json={"query": "red"}), 503, "not_ready")
+        release.set()
+        for _ in range(200):
+            if (await client.get("/readyz")).status_code == 200:
+                break
+            await asyncio.sleep(0.01)
+        assert (await client.post("/search/text", json={"query": "red"})).status_code == 200
+
+
 async def test_metrics_count_requests_stages_batches_and_errors(client: httpx.AsyncClient) -> None:
     await client.post("/search/text", json={"query": "red", "rerank_k": 7})
     await client.post("/search/image", files={"file": ("q.png", png())})

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from app.batching import MicroBatcher
+from app.model_lane import ModelLane
 
 pytestmark = pytest.mark.anyio
 
@@ -46,11 +46,12 @@ def request(seed: int, pairs: int) -> tuple[list[list[int]], np.ndarray, np.ndar
 
 async def test_concurrent_requests_share_a_batch_and_get_their_own_slice() -> None:
     scorer = RecordingScorer()
-    with ThreadPoolExecutor(1, thread_name_prefix="model") as executor:
-        batcher = MicroBatcher(scorer, executor, window_s=0.05, max_batch_pairs=1000)
-        requests = [request(seed, pairs) for seed, pairs in enumerate([3, 1, 7, 5, 2])]
-        results = await asyncio.gather(*(batcher.score(*r) for r in requests))
-        await batcher.close()
+    lane = ModelLane(timeout_s=10.0)
+    batcher = MicroBatcher(scorer, run=lane.run, window_s=0.05, max_batch_pairs=1000)
+    requests = [request(seed, pairs) for seed, pairs in enumerate([3, 1, 7, 5, 2])]
+    results = await asyncio.gather(*(batcher.score(*r) for r in requests))
+    await batcher.close()
+    lane.shutdown()
     assert scorer.batches == [18]  # one model call for all five requests
     for r, scores in zip(requests, results, strict=True):
         np.testing.assert_allclose(scores, reference_scores(*r))
@@ -154,3 +155,28 @@ async def test_empty_requests_and_close_fail_waiters() -> None:
     for task in (running, queued):
         with pytest.raises((RuntimeError, asyncio.CancelledError)):
             await task
+
+
+async def test_a_hung_batch_times_out_and_the_next_batch_is_scored() -> None:
+    release = threading.Event()
+    hang_on = 777
+
+    def scorer(token_ids: list[list[int]], patch_features: np.ndarray, similarity: np.ndarray) -> np.ndarray:
+        if any(hang_on in ids for ids in token_ids):
+            release.wait()
+        return reference_scores(token_ids, patch_features, similarity)
+
+    lane = ModelLane(timeout_s=0.3)
+    batcher = MicroBatcher(scorer, run=lane.run, window_s=0.0)
+    hung_ids, patches, similarity = request(0, 2)
+    hung_ids[0] = [hang_on]
+    hung = asyncio.create_task(batcher.score(hung_ids, patches, similarity))
+    await asyncio.sleep(0.05)
+    later = request(1, 3)
+    # Queued behind the hung batch: scored once the lane abandons it, not when (if ever) it returns.
+    np.testing.assert_allclose(await asyncio.wait_for(batcher.score(*later), 5), reference_scores(*later))
+    with pytest.raises(asyncio.TimeoutError):
+        await hung
+    release.set()
+    await batcher.close()
+    lane.shutdown()

@@ -21,8 +21,8 @@ def test_one_bad_request_gets_503_or_504_and_the_others_are_served(
     assert not _report(found)
     by_name = {f.name: f.figures for f in found}
     assert [by_name[name]["status"] for name in by_name] == [504, 503, 503, 503, 504]
-    # All but the slow model call leave every neighbour served; that one holds the single model thread.
-    for name in list(by_name)[:4]:
+    # Every neighbour served, the slow model call's too: it is abandoned at its deadline (app.model_lane).
+    for name in by_name:
         assert by_name[name]["neighbours_served"] == by_name[name]["neighbours_sent"] > 0, name
     assert all(f["after_served"] == f["after_sent"] > 0 for f in by_name.values())
 
