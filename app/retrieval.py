@@ -504,7 +504,10 @@ def load_service(settings: Settings, metrics: Metrics | None = None) -> SearchSe
 
         torch.set_num_threads(settings.torch_threads)
     inference = FashionBertInference.from_checkpoint(
-        settings.model_dir, device=settings.device, bf16_weights=settings.bf16_weights
+        settings.model_dir,
+        device=settings.device,
+        bf16_weights=settings.bf16_weights,
+        int8_matching=settings.int8_matching,
     )
     # The patch network the model was trained on, read from its config: the service believes the checkpoint.
     extractor = PatchFeatureExtractor(

@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     # weights with the same top 10, re-ranking 1.0-1.08x as fast on a quiet CPU
     # (benchmarks/rerank_speed.py). False: autocast over fp32 weights.
     bf16_weights: bool = True
+    # Re-rank through an int8 copy of the encoder layers (CPU only; GPUs keep bf16); see README figures.
+    int8_matching: bool = False
     verify_checksums: bool = True  # hash the bundle's arrays when opening it (slower start, no silent rot)
     nprobe: int | None = Field(default=None, ge=1)  # IVF lists probed per query; None = the bundle's choice
     warm_up: bool = True  # one text and one image search through the whole path before /readyz says ready

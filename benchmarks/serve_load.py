@@ -86,6 +86,7 @@ SERVER_SETTINGS = {
     "max_rerank_k": 100_000_000,
     "max_queue_depth": 1024,
     "stage_timeout_s": 3600,  # brute force over 10k items takes about a minute
+    "model_call_timeout_s": 3600,  # ... in one model call
 }
 
 
@@ -355,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--brute-force-concurrency", default=None, help="brute-force concurrencies (default --concurrency)"
     )
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--int8-matching", action="store_true", help="re-rank with the int8 encoder copy")
     parser.add_argument("--ready-timeout", type=float, default=600.0)
     parser.add_argument("--server-log", default="serve_load.server.log")
     parser.add_argument("--out", default=None, help="write the full report as JSON here")
@@ -364,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     modes = [m for m in args.modes.split(",") if m]
     assert set(modes) <= set(MODES), f"modes must be among {MODES}"
 
-    settings = {**SERVER_SETTINGS, "device": args.device}
+    settings = {**SERVER_SETTINGS, "device": args.device, "int8_matching": args.int8_matching}
     with running_service(
         Path(args.model),
         Path(args.index),

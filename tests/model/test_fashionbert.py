@@ -213,3 +213,23 @@ def test_match_takes_the_tower_cosine_from_recall(tiny: FashionBert, tokenizer) 
     np.testing.assert_allclose(given, inference.match(token_ids, patches), atol=0.05)
     shifted = inference.match(token_ids, patches, tower_similarity=cosine + 0.1)
     np.testing.assert_allclose(shifted - given, 0.1 * float(tiny.tower_scale.detach()), atol=0.05)
+
+
+def test_int8_matching_scores_like_fp32_and_leaves_the_towers_alone(tiny_checkpoint) -> None:
+    """The int8 copy re-ranks like the model (to int8 precision); towers and the original stay fp32/bf16."""
+    reference = FashionBertInference.from_checkpoint(tiny_checkpoint, device="cpu")
+    int8 = FashionBertInference.from_checkpoint(
+        tiny_checkpoint, device="cpu", bf16_weights=True, int8_matching=True
+    )
+    assert int8.int8_matching and not reference.int8_matching
+    assert next(int8.model.parameters()).dtype == torch.bfloat16  # towers: the bf16 model
+    layer = int8.matcher.bert.encoder.layer[0].attention.self.query
+    assert "quantized" in type(layer).__module__
+    rng = np.random.default_rng(0)
+    patches = rng.standard_normal((40, 64, 1280)).astype(np.float32)
+    token_ids = reference.tokenize([f"black satin midi skirt number {i}" for i in range(40)])
+    cosine = np.zeros(40, np.float32)  # the cross-encoder's part alone: the tower term is added exactly
+    expected = reference.match(token_ids, patches, tower_similarity=cosine)
+    got = int8.match(token_ids, patches, tower_similarity=cosine)
+    assert np.corrcoef(expected, got)[0, 1] > 0.95, np.corrcoef(expected, got)[0, 1]
+    np.testing.assert_allclose(got, expected, atol=0.2 * np.ptp(expected))
