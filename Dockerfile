@@ -33,13 +33,13 @@ COPY . /src
 RUN extras=""; \
     if [ "$DEVICE" = gpu ]; then extras="[gpu]"; fi; \
     if [ -n "$WHEELS" ]; then \
-        pip install --no-cache-dir --no-index --find-links "/src/$WHEELS" "/src$extras"; \
+        pip install --no-cache-dir --no-index --find-links "/src/$WHEELS" -c /src/requirements.lock "/src$extras"; \
     else \
         index="$TORCH_INDEX_URL"; \
         if [ -z "$index" ] && [ "$DEVICE" = gpu ]; then index=https://download.pytorch.org/whl/cu124; fi; \
         if [ -z "$index" ]; then index=https://download.pytorch.org/whl/cpu; fi; \
         pip install --no-cache-dir --index-url "$index" "torch==$TORCH_VERSION"; \
-        pip install --no-cache-dir "/src$extras"; \
+        pip install --no-cache-dir -c /src/requirements.lock "/src$extras"; \
     fi; \
     # faiss-gpu ships the same `faiss` module as faiss-cpu: keep only the GPU one.
     if [ "$DEVICE" = gpu ]; then \

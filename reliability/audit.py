@@ -1,10 +1,10 @@
-"""Known-vulnerability audit of the installed dependencies with pip-audit (PyPI's advisory data).
+"""Known-vulnerability audit of the locked dependencies (requirements.lock) with pip-audit.
 
 Fails (exit 1) when a dependency has a known vulnerability. Where the advisory service cannot be
 reached, pip-audit audits nothing: that is reported plainly and does not fail the run (exit 0), since
 an offline CI machine cannot tell a safe environment from an unchecked one.
 
-    python -m reliability.audit [--service pypi|osv] [--out audit.json]
+    python -m reliability.audit [--lock requirements.lock | --installed] [--service pypi|osv] [--out F]
 """
 
 from __future__ import annotations
@@ -19,9 +19,12 @@ from typing import Any
 from reliability.report import print_table, write_json
 
 
-def audit(service: str, timeout_s: float) -> dict[str, Any]:
+def audit(service: str, timeout_s: float, lock: str | None = "requirements.lock") -> dict[str, Any]:
+    """Audit the pins of `lock` as they are (every one pinned: no resolution), or with `lock` None the
+    distributions installed in this environment."""
     command = [sys.executable, "-m", "pip_audit", "--vulnerability-service", service]
-    command += ["--skip-editable", "--progress-spinner", "off", "--format", "json"]
+    command += ["--progress-spinner", "off", "--format", "json"]
+    command += ["--requirement", lock, "--no-deps", "--disable-pip"] if lock else ["--skip-editable"]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -49,12 +52,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--service", choices=["pypi", "osv"], default="pypi")
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--lock", default="requirements.lock", help="the pinned dependencies to audit")
+    parser.add_argument("--installed", action="store_true", help="audit this environment instead")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
-    result = audit(args.service, args.timeout)
-    rows = [("advisory service", args.service), ("reachable", "yes" if result["reachable"] else "NO")]
+    result = audit(args.service, args.timeout, None if args.installed else args.lock)
+    rows = [("audited", "this environment" if args.installed else args.lock)]
+    rows += [("advisory service", args.service), ("reachable", "yes" if result["reachable"] else "NO")]
     if "dependencies" in result:
-        rows += [("installed dependencies", result["dependencies"]), ("audited", result["audited"])]
+        rows += [("dependencies", result["dependencies"]), ("looked up", result["audited"])]
         rows += [("with known vulnerabilities", len(result["vulnerable"]))]
     print_table("Dependency audit (pip-audit)", rows)
     for name, ids in result.get("vulnerable", {}).items():

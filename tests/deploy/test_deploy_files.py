@@ -155,3 +155,22 @@ def test_every_package_and_the_demo_page_are_installed() -> None:
     assert packages == set(config["packages"])
     assert config["package-data"]["app"] == ["static/*"]
     assert {"index.html", "app.js", "style.css"} <= {p.name for p in (REPO / "app" / "static").iterdir()}
+
+
+def test_the_lock_pins_every_dependency_and_every_install_uses_it() -> None:
+    import tomllib
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    lines = (REPO / "requirements.lock").read_text().splitlines()
+    pins = dict(line.split("==") for line in lines if line and not line.startswith("#"))
+    assert all(re.fullmatch(r"[a-z0-9-]+", name) and version for name, version in pins.items())
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for text in project["dependencies"] + project["optional-dependencies"]["dev"]:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{name} is not in requirements.lock: run deploy/lock.sh"
+        assert requirement.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} vs {text}"
+    assert "-c requirements.lock" in (REPO / ".ci" / "run").read_text()
+    assert "-c requirements.lock" in (REPO / "deploy" / "wheelhouse.sh").read_text()
+    assert (REPO / "Dockerfile").read_text().count("-c /src/requirements.lock") == 2  # offline and online
