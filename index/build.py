@@ -166,6 +166,17 @@ class _EncodePass:
     progress: bool
 
 
+def _encode_texts(encoder: Encoder, token_ids: Sequence[Sequence[int]], batch_size: int) -> np.ndarray:
+    """(n, E) text embeddings, each distinct text through the tower once (colour variants often share one
+    description), shortest first so each model batch pads only to its own longest text."""
+    distinct = list(dict.fromkeys(tuple(ids) for ids in token_ids))
+    order = np.argsort([len(ids) for ids in distinct], kind="stable")
+    embeddings = encoder.encode_token_ids([distinct[i] for i in order], batch_size=batch_size)
+    embeddings = embeddings[np.argsort(order)]  # back to `distinct` order
+    row = {ids: i for i, ids in enumerate(distinct)}
+    return embeddings[[row[tuple(ids)] for ids in token_ids]]
+
+
 def _encode(
     job: _EncodePass,
     catalogues: Sequence[Catalogue],
@@ -217,10 +228,7 @@ def _encode(
                 t = timed("image_tower", t)
 
                 token_ids = encoder.tokenize([item.text for item in kept.items])
-                # Sorted by length, each model batch pads only to its own longest text.
-                order = np.argsort([len(ids) for ids in token_ids], kind="stable")
-                text = encoder.encode_token_ids([token_ids[i] for i in order], batch_size=config.batch_size)
-                encoded.text_embeddings.append(text[np.argsort(order)])
+                encoded.text_embeddings.append(_encode_texts(encoder, token_ids, config.batch_size))
                 t = timed("text_tower", t)
 
                 padded = np.zeros((len(kept), max_len), dtype=token_dtype)

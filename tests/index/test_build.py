@@ -222,3 +222,21 @@ def test_index_config_round_trips_and_checks() -> None:
         IndexConfig(refine="bogus")
     with pytest.raises(ValueError, match="unknown"):
         IndexConfig.from_dict({"nlist": 3})
+
+
+def test_each_distinct_text_goes_through_the_tower_once() -> None:
+    class Recording:
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, ...]] = []
+
+        def encode_token_ids(self, token_ids, batch_size: int = 256) -> np.ndarray:
+            self.seen += [tuple(ids) for ids in token_ids]
+            return np.array([[len(ids), sum(ids)] for ids in token_ids], np.float32)
+
+    encoder = Recording()
+    token_ids = [[1, 5, 2], [1, 7, 8, 2], [1, 5, 2], [1, 2], [1, 7, 8, 2]]
+    embeddings = index.build._encode_texts(encoder, token_ids, batch_size=2)
+    assert sorted(encoder.seen) == sorted({tuple(ids) for ids in token_ids})  # three distinct, once each
+    assert [len(ids) for ids in encoder.seen] == [2, 3, 4]  # shortest first
+    expected = np.array([[len(ids), sum(ids)] for ids in token_ids], np.float32)
+    np.testing.assert_array_equal(embeddings, expected)  # every row its own text's embedding
