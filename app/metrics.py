@@ -68,6 +68,11 @@ class Metrics:
             "re-rank requests waiting for the next cross-encoder batch",
             registry=r,
         )
+        self.model_calls_abandoned = Gauge(
+            "fashionbert_model_calls_abandoned",
+            "model calls past model_call_timeout_s, abandoned and still running",
+            registry=r,
+        )
         self.errors = Counter("fashionbert_errors", "error responses by error code", ["code"], registry=r)
         self.index_items = Gauge(
             "fashionbert_index_items", "searchable items in the serving bundle", registry=r

@@ -166,6 +166,7 @@ class SearchService:
         # never on the event loop (torch releases the GIL while it computes), and a hung one is abandoned
         # at its deadline instead of holding every call behind it.
         self.model_lane = ModelLane(settings.model_call_timeout_s, settings.max_abandoned_model_calls)
+        self.metrics.model_calls_abandoned.set_function(lambda: self.model_lane.abandoned)
         self.batcher = MicroBatcher(
             self._match,
             run=self.model_lane.run,

@@ -457,12 +457,14 @@ async def test_hung_model_calls_are_abandoned_and_too_many_make_the_service_unre
         # Its thread is still stuck and no spare is allowed: not ready, searches refused, clearly.
         assert_error(await client.get("/readyz"), 503, "not_ready")
         assert_error(await client.post("/search/text", json={"query": "red"}), 503, "not_ready")
+        assert "fashionbert_model_calls_abandoned 1.0" in (await client.get("/metrics")).text
         release.set()
         for _ in range(200):
             if (await client.get("/readyz")).status_code == 200:
                 break
             await asyncio.sleep(0.01)
         assert (await client.post("/search/text", json={"query": "red"})).status_code == 200
+        assert "fashionbert_model_calls_abandoned 0.0" in (await client.get("/metrics")).text
 
 
 async def test_metrics_count_requests_stages_batches_and_errors(client: httpx.AsyncClient) -> None:
