@@ -284,7 +284,13 @@ def report(cells: list[Cell], extra: dict[str, Any]) -> dict[str, Any]:
             if row["modality"] == modality:
                 qps[row["mode"]] = max(qps.get(row["mode"], 0.0), row["qps"])
         two, brute = (recall_at_10(cells, m, modality, shared) for m in ("two-stage", "brute-force"))
+        # Re-ranking's gain, on the queries both two-stage and embeddings-only answered.
+        same = answered(cells, "two-stage", modality) & answered(cells, "embeddings", modality)
+        reranked, recalled = (recall_at_10(cells, m, modality, same) for m in ("two-stage", "embeddings"))
         comparisons[modality] = {
+            "rerank_shared_queries": len(same),
+            "rerank_R@10": reranked,
+            "embeddings_R@10": recalled,
             "shared_queries": len(shared),
             "two_stage_R@10": two,
             "brute_force_R@10": brute,
@@ -306,6 +312,10 @@ def print_report(result: dict[str, Any]) -> None:
         print("| " + " | ".join(str(c) for c in cells) + " |")
     print()
     for modality, c in result["comparisons"].items():
+        print(
+            f"{modality}: two-stage vs embeddings only on {c['rerank_shared_queries']} shared queries: "
+            f"R@10 {c['rerank_R@10']:.3f} vs {c['embeddings_R@10']:.3f}"
+        )
         print(
             f"{modality}: two-stage vs brute force on {c['shared_queries']} shared queries: "
             f"R@10 {c['two_stage_R@10']:.3f} vs {c['brute_force_R@10']:.3f} "
