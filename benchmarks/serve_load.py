@@ -316,6 +316,8 @@ def print_report(result: dict[str, Any]) -> None:
             f"{modality}: two-stage vs embeddings only on {c['rerank_shared_queries']} shared queries: "
             f"R@10 {c['rerank_R@10']:.3f} vs {c['embeddings_R@10']:.3f}"
         )
+        if not c["shared_queries"]:  # brute force did not run
+            continue
         print(
             f"{modality}: two-stage vs brute force on {c['shared_queries']} shared queries: "
             f"R@10 {c['two_stage_R@10']:.3f} vs {c['brute_force_R@10']:.3f} "
