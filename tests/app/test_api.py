@@ -29,6 +29,14 @@ def png(size: tuple[int, int] = (16, 16), mode: str = "RGB", **save: Any) -> byt
     return buffer.getvalue()
 
 
+async def until_ready(client: httpx.AsyncClient, seconds: float = 5.0) -> None:
+    """Poll /readyz until it answers 200 (the caller asserts what ready means)."""
+    for _ in range(int(seconds / 0.01)):
+        if (await client.get("/readyz")).status_code == 200:
+            return
+        await asyncio.sleep(0.01)
+
+
 def assert_error(response: httpx.Response, status: int, code: str | None = None) -> None:
     assert response.status_code == status, response.text
     body = response.json()
@@ -331,10 +339,7 @@ async def test_ready_only_after_load_and_warm_up(fake_bundle: FakeBundle) -> Non
         assert_error(await client.post("/search/text", json={"query": "red"}), 503, "not_ready")
         assert "fashionbert_ready 0.0" in (await client.get("/metrics")).text
         release.set()
-        for _ in range(500):
-            if (await client.get("/readyz")).status_code == 200:
-                break
-            await asyncio.sleep(0.01)
+        await until_ready(client)
         ready = (await client.get("/readyz")).json()
         assert ready["status"] == "ready" and ready["index"]["items"] == fake_bundle.size
         assert "fashionbert_ready 1.0" in (await client.get("/metrics")).text
@@ -459,10 +464,7 @@ async def test_hung_model_calls_are_abandoned_and_too_many_make_the_service_unre
         assert_error(await client.post("/search/text", json={"query": "red"}), 503, "not_ready")
         assert "fashionbert_model_calls_abandoned 1.0" in (await client.get("/metrics")).text
         release.set()
-        for _ in range(200):
-            if (await client.get("/readyz")).status_code == 200:
-                break
-            await asyncio.sleep(0.01)
+        await until_ready(client)
         assert (await client.post("/search/text", json={"query": "red"})).status_code == 200
         assert "fashionbert_model_calls_abandoned 0.0" in (await client.get("/metrics")).text
 
