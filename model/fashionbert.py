@@ -37,7 +37,9 @@ class PatchEmbeddings(nn.Module):
         # patch_features: (B, N, D) pooled patches -> (B, N, H)
         n = patch_features.shape[1]
         positions = torch.arange(n, device=patch_features.device)
-        x = self.projection(patch_features.to(self.projection.weight.dtype))
+        # The dtype of the weights (bf16 when serving holds bf16); an embedding's, as the projection may be
+        # an int8 module (model.inference.int8_encoder_copy) whose weight is not a tensor.
+        x = self.projection(patch_features.to(self.grid_position.weight.dtype))
         x = x + self.grid_position(positions) + segment_embedding
         return self.dropout(self.layer_norm(x))
 

@@ -225,6 +225,7 @@ def test_int8_matching_scores_like_fp32_and_leaves_the_towers_alone(tiny_checkpo
     assert next(int8.model.parameters()).dtype == torch.bfloat16  # towers: the bf16 model
     layer = int8.matcher.bert.encoder.layer[0].attention.self.query
     assert "quantized" in type(layer).__module__
+    assert "quantized" in type(int8.matcher.patch_embeddings.projection).__module__
     rng = np.random.default_rng(0)
     patches = rng.standard_normal((40, 64, 1280)).astype(np.float32)
     token_ids = reference.tokenize([f"black satin midi skirt number {i}" for i in range(40)])
