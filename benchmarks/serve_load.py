@@ -312,10 +312,11 @@ def print_report(result: dict[str, Any]) -> None:
         print("| " + " | ".join(str(c) for c in cells) + " |")
     print()
     for modality, c in result["comparisons"].items():
-        print(
-            f"{modality}: two-stage vs embeddings only on {c['rerank_shared_queries']} shared queries: "
-            f"R@10 {c['rerank_R@10']:.3f} vs {c['embeddings_R@10']:.3f}"
-        )
+        if c["rerank_shared_queries"]:  # both modes ran
+            print(
+                f"{modality}: two-stage vs embeddings only on {c['rerank_shared_queries']} shared queries: "
+                f"R@10 {c['rerank_R@10']:.3f} vs {c['embeddings_R@10']:.3f}"
+            )
         if not c["shared_queries"]:  # brute force did not run
             continue
         print(
