@@ -152,18 +152,16 @@ class FashionBert(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         patch_features: torch.Tensor,
-        text_embeddings: torch.Tensor | None = None,
         tower_similarity: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Cross-attention alignment score of each (text, image) pair: (B,) logits, higher is better.
-        `text_embeddings` (B, E), when given, are the texts' `encode_text` output computed earlier;
-        `tower_similarity` (B,), when given, is the pairs' tower cosine itself (a recall stage's scores)."""
+        `tower_similarity` (B,), when given, is the pairs' tower cosine computed earlier (a recall stage's
+        scores, or FashionBertInference's cached text embeddings); else the towers run here."""
         if tower_similarity is None:
-            if text_embeddings is None:
-                # A text query pairs one text with every candidate: embed each distinct text once.
-                unique_ids, inverse = torch.unique(input_ids, dim=0, return_inverse=True)
-                unique_mask = torch.zeros_like(unique_ids).index_copy_(0, inverse, attention_mask)
-                text_embeddings = self.encode_text(unique_ids, unique_mask)[inverse]  # (B, E)
+            # A text query pairs one text with every candidate: embed each distinct text once.
+            unique_ids, inverse = torch.unique(input_ids, dim=0, return_inverse=True)
+            unique_mask = torch.zeros_like(unique_ids).index_copy_(0, inverse, attention_mask)
+            text_embeddings = self.encode_text(unique_ids, unique_mask)[inverse]  # (B, E)
             tower_similarity = (text_embeddings * self.encode_image(patch_features)).sum(-1)  # (B,)
         hidden = self.joint_hidden(input_ids, attention_mask, self.pool_patches(patch_features))
         return self.alignment_logits(hidden, attention_mask, tower_similarity).float()
