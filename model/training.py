@@ -251,18 +251,21 @@ class Trainer:
         model, device, config = self.model, self.device, self.config
         b = len(indices)
         if config.mine_top_k:
-            # False pairs from the whole split; their items join the batch after its own b rows.
+            # False pairs from the whole split; their items join the batch after its own b rows, those
+            # whose text a pair reads first, so the text tower runs only on the first `num_texts` rows.
             mined = draw_mined_negatives(self.neighbours, indices, config.negatives_per_item, self.generator)
-            extra = sorted({i for _, t, m in mined for i in (t, m)} - set(indices))
-            items = indices + extra
+            text_extra = sorted({t for _, t, _ in mined} - set(indices))
+            image_extra = sorted({m for _, _, m in mined} - set(indices) - set(text_extra))
+            items = indices + text_extra + image_extra
+            num_texts = b + len(text_extra)
             row_of = {item: row for row, item in enumerate(items)}
             false_text = torch.tensor([row_of[t] for _, t, _ in mined], dtype=torch.long)
             false_image = torch.tensor([row_of[m] for _, _, m in mined], dtype=torch.long)
         else:
-            items = indices
+            items, num_texts = indices, b
         ids, mask, patches = self._batch(items, data)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            text_embeddings = model.encode_text(ids.to(device), mask.to(device))  # (len(items), E)
+            text_embeddings = model.encode_text(ids[:num_texts].to(device), mask[:num_texts].to(device))
             image_embeddings = model.encode_image(patches.to(device))  # (len(items), E)
         if not config.mine_top_k:
             similarity = text_embeddings.detach() @ image_embeddings.detach().T  # (B, B)
