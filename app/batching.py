@@ -1,7 +1,8 @@
 """Dynamic micro-batching of cross-encoder work: many requests' (text, image) pairs, one `match` call.
 
-A request's pairs wait at most `window_s` for company; whatever queued while the model was busy joins
-the next batch at once, so batches grow with load and throughput with them. The model runs through the
+A request's pairs wait at most `window_s` for company, and not at all when no other search is in flight
+(`in_flight`) to bring any; whatever queued while the model was busy joins the next batch at once, so
+batches grow with load and throughput with them. The model runs through the
 caller's `run` (the service's ModelLane: one call at a time on a model thread), never on the event loop.
 """
 
@@ -47,13 +48,17 @@ class MicroBatcher:
         window_s: float = 0.002,
         max_batch_pairs: int = 256,
         on_batch: BatchObserver | None = None,
+        in_flight: Callable[[], int] | None = None,
     ) -> None:
+        """`in_flight`: how many requests could score pairs now (the service's searches in flight, each
+        with at most one `score` call pending); None: always wait the window."""
         assert max_batch_pairs >= 1, "a batch must hold at least one pair"
         self.score_fn = score_fn
         self.run = run or asyncio.to_thread
         self.window_s = window_s
         self.max_batch_pairs = max_batch_pairs
         self.on_batch = on_batch
+        self.in_flight = in_flight
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._carry: _Pending | None = None  # a request that did not fit the last batch starts the next
@@ -105,6 +110,8 @@ class MicroBatcher:
         deadline = time.monotonic() + self.window_s
         while pairs < self.max_batch_pairs:
             remaining = deadline - time.monotonic()
+            if self.in_flight is not None and self._queue.empty() and self.in_flight() <= len(batch):
+                break  # every request that could join is already in this batch: waiting adds only latency
             try:
                 if remaining > 0:
                     item = await asyncio.wait_for(self._queue.get(), remaining)

@@ -100,6 +100,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     tasks = tuple(args.tasks.split(","))
     if unknown := set(tasks) - set(TASKS):
         raise SystemExit(f"error: unknown tasks {sorted(unknown)}; choose from {','.join(TASKS)}")
+    if args.listwise and not (args.mine_top_k and "alignment" in tasks):
+        raise SystemExit(
+            "error: --listwise ranks mined false pairs: it needs --mine-top-k and the alignment task"
+        )
     torch.manual_seed(args.seed)
     if args.init:  # fine-tune a trained checkpoint: its model shape and patch features, not the flags'
         from model.checkpoint import load_checkpoint
@@ -128,6 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         mine_top_k=args.mine_top_k,
         mine_every=args.mine_every,
         negatives_per_item=args.negatives_per_item,
+        listwise=args.listwise,
         validation_negatives=args.validation_negatives,
         tasks=tasks,
         adaptive=not args.fixed_weights,
@@ -162,7 +167,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from model.inference import FashionBertInference
     from model.patch_features import PatchFeatureConfig
 
-    inference = FashionBertInference.from_checkpoint(args.model, device=args.device)
+    if args.no_sampled and args.no_gallery:
+        raise SystemExit("error: --no-sampled and --no-gallery leave nothing to evaluate")
+    # --int8-matching scores as a service with FASHIONBERT_INT8_MATCHING=true would (weights in bf16).
+    inference = FashionBertInference.from_checkpoint(
+        args.model, device=args.device, bf16_weights=args.int8_matching, int8_matching=args.int8_matching
+    )
     patch_config = PatchFeatureConfig.from_dict(inference.config.patch_features)
     catalogue = load_catalogue(args.data, limit=args.limit)
     kept, features = catalogue_features(catalogue, args.cache, patch_config)
@@ -172,7 +182,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = EvalConfig(
         num_queries=args.queries, num_negatives=args.negatives, seed=args.seed, recall_k=args.recall_k
     )
-    report = evaluate(inference, kept, features, config, gallery=not args.no_gallery)
+    report = evaluate(
+        inference, kept, features, config, gallery=not args.no_gallery, sampled=not args.no_sampled
+    )
     print(format_table(report))
     if args.report:
         with open(args.report, "w") as f:
@@ -495,6 +507,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mine-every", type=int, default=200, help="steps between refreshes of the mined pool")
     p.add_argument("--negatives-per-item", type=int, default=1, help="false pairs per item with --mine-top-k")
     p.add_argument(
+        "--listwise",
+        action="store_true",
+        help="with --mine-top-k, alignment also ranks each true pair against its false pairs (softmax)",
+    )
+    p.add_argument(
         "--init", default=None, help="start from this checkpoint's weights (fine-tuning), not the BERT alone"
     )
     p.add_argument(
@@ -530,6 +547,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--recall-k", type=int, default=100, help="gallery candidates re-ranked by the cross-encoder"
     )
     p.add_argument("--no-gallery", action="store_true", help="only the sampled protocol")
+    p.add_argument("--no-sampled", action="store_true", help="only full-gallery retrieval")
+    p.add_argument(
+        "--int8-matching",
+        action="store_true",
+        help="score with the int8 re-ranker the service runs with FASHIONBERT_INT8_MATCHING (CPU)",
+    )
     p.add_argument("--report", default=None, help="write every figure to this JSON file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")

@@ -173,6 +173,7 @@ class SearchService:
             window_s=settings.batch_window_ms / 1000.0,
             max_batch_pairs=settings.max_batch_pairs,
             on_batch=self._observe_batch,
+            in_flight=lambda: self._in_flight,
         )
         self._in_flight = 0
         self._reload_lock = asyncio.Lock()

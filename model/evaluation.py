@@ -247,9 +247,11 @@ def evaluate(
     config: EvalConfig,
     gallery: bool = True,
     rerank_k: int | None = None,
+    sampled: bool = True,
 ) -> dict[str, float]:
-    """The sampled protocol and, unless `gallery` is False, full-gallery retrieval: one flat report."""
-    report = evaluate_sampled(inference, catalogue, patch_features, config)
+    """The sampled protocol and full-gallery retrieval (each unless switched off): one flat report."""
+    assert sampled or gallery, "nothing to evaluate"
+    report = evaluate_sampled(inference, catalogue, patch_features, config) if sampled else {}
     if gallery:
         report.update(evaluate_gallery(inference, catalogue, patch_features, config, rerank_k))
     return report

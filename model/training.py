@@ -7,7 +7,9 @@ One step on a batch of B catalogue items:
    (the batch is built from small same-sub-category groups so such negatives exist); with `mine_top_k`,
    `negatives_per_item` drawn from the item's top K in the whole train split by the towers, the very
    confusions the re-ranker meets behind the recall stage;
-3. the joint encoder reads the true and false pairs, masked (MLM, MPM, alignment in one pass);
+3. the joint encoder reads the true and false pairs, masked (MLM, MPM, alignment in one pass; unmasked
+   when neither reconstruction task is trained); with `listwise`, alignment also ranks each true pair
+   against its mined false pairs;
 4. the adaptive loss solves the task weights and the step descends the weighted sum.
 """
 
@@ -35,7 +37,13 @@ from model.config import FashionBertConfig, resolve_text_model
 from model.data import TrainingData, grouped_batches
 from model.fashionbert import FashionBert, FashionBertForPretraining
 from model.inference import FashionBertInference, pick_device
-from model.losses import alignment_loss, contrastive_loss, masked_language_loss, masked_patch_loss
+from model.losses import (
+    alignment_loss,
+    contrastive_loss,
+    listwise_alignment_loss,
+    masked_language_loss,
+    masked_patch_loss,
+)
 from model.masking import mask_patches, mask_tokens
 
 logger = logging.getLogger(__name__)
@@ -54,6 +62,9 @@ class TrainConfig:
     mine_top_k: int = 0
     mine_every: int = 200
     negatives_per_item: int = 1
+    # With mined negatives, alignment also ranks each true pair against its false pairs of the same side
+    # (softmax cross-entropy over them), the ordering re-ranking needs, on top of the binary loss.
+    listwise: bool = False
     max_steps: int | None = None
     epochs: float | None = None
     budget_minutes: float | None = None
@@ -74,6 +85,12 @@ class TrainConfig:
     log_every: int = 10
     device: str = "auto"
     bf16: bool = True
+
+    def __post_init__(self) -> None:
+        if self.listwise and not self.mine_top_k:
+            raise ValueError("listwise alignment ranks mined false pairs: it needs mine_top_k > 0")
+        if "alignment" not in self.tasks and self.listwise:
+            raise ValueError("listwise is part of the alignment task, which is not trained")
 
     def total_steps(self, num_items: int) -> int:
         """Steps for the schedule: the explicit count, else the epochs, else a budget-sized guess."""
@@ -261,6 +278,8 @@ class Trainer:
             row_of = {item: row for row, item in enumerate(items)}
             false_text = torch.tensor([row_of[t] for _, t, _ in mined], dtype=torch.long)
             false_image = torch.tensor([row_of[m] for _, _, m in mined], dtype=torch.long)
+            false_rows = torch.tensor([row for row, _, _ in mined], dtype=torch.long)
+            false_sides = torch.tensor([int(t != indices[row]) for row, t, _ in mined], dtype=torch.long)
         else:
             items, num_texts = indices, b
         ids, mask, patches = self._batch(items, data)
@@ -288,24 +307,37 @@ class Trainer:
         image_rows = torch.cat([torch.arange(b), false_image])
         labels = torch.cat([torch.ones(b), torch.zeros(len(false_text))])
         pair_ids, pair_mask, pair_patches = ids[text_rows], mask[text_rows], patches[image_rows]
-        special = torch.tensor(
-            [
-                self.tokenizer.get_special_tokens_mask(r, already_has_special_tokens=True)
-                for r in pair_ids.tolist()
-            ],
-            dtype=torch.bool,
-        )
-        masked_ids, mlm_positions, mlm_targets = mask_tokens(
-            pair_ids,
-            pair_mask.bool() & ~special,
-            self.tokenizer.mask_token_id,
-            len(self.tokenizer),
-            model.config.mlm_probability,
-            self.generator,
-        )
-        masked_patches, mpm_positions, mpm_targets = mask_patches(
-            model.pool_patches(pair_patches), model.config.mpm_probability, self.generator
-        )
+        # Mask only for the reconstruction tasks being trained: without them the alignment head reads whole
+        # pairs, as at serving time (a masked colour word can make a near-duplicate pair undecidable).
+        if "mlm" in config.tasks:
+            special = torch.tensor(
+                [
+                    self.tokenizer.get_special_tokens_mask(r, already_has_special_tokens=True)
+                    for r in pair_ids.tolist()
+                ],
+                dtype=torch.bool,
+            )
+            masked_ids, mlm_positions, mlm_targets = mask_tokens(
+                pair_ids,
+                pair_mask.bool() & ~special,
+                self.tokenizer.mask_token_id,
+                len(self.tokenizer),
+                model.config.mlm_probability,
+                self.generator,
+            )
+        else:
+            masked_ids, mlm_positions, mlm_targets = pair_ids, torch.zeros(0, 2, dtype=torch.long), None
+        pooled_patches = model.pool_patches(pair_patches)
+        if "mpm" in config.tasks:
+            masked_patches, mpm_positions, mpm_targets = mask_patches(
+                pooled_patches, model.config.mpm_probability, self.generator
+            )
+        else:
+            masked_patches, mpm_positions, mpm_targets = (
+                pooled_patches,
+                torch.zeros(0, 2, dtype=torch.long),
+                None,
+            )
         # The alignment logit adds the towers' cosine of each pair (see FashionBert.alignment_logits).
         tower_similarity = (text_embeddings[text_rows] * image_embeddings[image_rows]).sum(-1)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
@@ -318,13 +350,20 @@ class Trainer:
                 tower_similarity,
             )
         losses = {
-            "mlm": masked_language_loss(outputs.mlm_logits, mlm_targets.to(device)),
-            "mpm": masked_patch_loss(outputs.mpm_predictions, mpm_targets.to(device)),
             "alignment": alignment_loss(outputs.alignment_logits, labels.to(device)),
             "contrastive": contrastive_loss(  # in-batch InfoNCE over the batch's own items
                 text_embeddings[:b], image_embeddings[:b], model.logit_scale.exp().clamp(max=100)
             ),
         }
+        if mlm_targets is not None:
+            losses["mlm"] = masked_language_loss(outputs.mlm_logits, mlm_targets.to(device))
+        if mpm_targets is not None:
+            losses["mpm"] = masked_patch_loss(outputs.mpm_predictions, mpm_targets.to(device))
+        if config.listwise:
+            logits = outputs.alignment_logits
+            losses["alignment"] = losses["alignment"] + listwise_alignment_loss(
+                logits[:b], logits[b:], false_rows.to(device), false_sides.to(device)
+            )
         return {name: losses[name] for name in config.tasks}
 
     def mine(self) -> None:

@@ -90,6 +90,23 @@ async def test_a_lone_request_waits_no_longer_than_the_window() -> None:
     await batcher.close()
 
 
+async def test_no_window_when_no_other_request_is_in_flight() -> None:
+    in_flight = 1
+    batcher = MicroBatcher(RecordingScorer(), window_s=5.0, max_batch_pairs=100, in_flight=lambda: in_flight)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await batcher.score(*request(0, 1))  # alone: scored at once, not after the 5 s window
+    assert loop.time() - start < 1.0
+    in_flight = 2  # another search might still bring pairs: the window holds the batch open for it
+    lone = asyncio.create_task(batcher.score(*request(1, 1)))
+    await asyncio.sleep(0.2)
+    assert not lone.done()
+    company = asyncio.create_task(batcher.score(*request(2, 1)))
+    # Both in the batch, nobody else in flight: it goes at once, long before the window closes.
+    await asyncio.wait_for(asyncio.gather(lone, company), 1.0)
+    await batcher.close()
+
+
 async def test_a_failing_request_fails_alone_and_the_batcher_goes_on() -> None:
     poison = -1  # a token id that makes the model raise, wherever it sits in a batch
     calls: list[int] = []

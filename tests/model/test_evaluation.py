@@ -238,6 +238,11 @@ def test_evaluate_and_format_table():
     )
     assert not any(key.startswith("gallery/") for key in sampled_only)
     assert len(format_table(sampled_only).splitlines()) == 6  # header x2, rule, one row, accuracy, timings
+    gallery_only = evaluate(
+        inference, catalogue, item_patches(24), EvalConfig(num_queries=12, recall_k=8), sampled=False
+    )
+    assert gallery_only["gallery/rerank/t2i/R@1"] == report["gallery/rerank/t2i/R@1"]
+    assert not any(key.startswith("sampled/") for key in gallery_only)
 
 
 # -- real tiny model ---------------------------------------------------------------------------------------

@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from model.losses import alignment_loss, contrastive_loss, masked_language_loss, masked_patch_loss
+from model.losses import (
+    alignment_loss,
+    contrastive_loss,
+    listwise_alignment_loss,
+    masked_language_loss,
+    masked_patch_loss,
+)
 
 
 def test_masked_patch_loss_is_kl_of_softmaxes() -> None:
@@ -40,3 +46,22 @@ def test_contrastive_loss_prefers_aligned_pairs() -> None:
     # Aligned: each row's logits are [10, 0, 0, 0] -> -log(e^10 / (e^10 + 3)).
     assert float(aligned) == pytest.approx(-math.log(math.exp(10) / (math.exp(10) + 3)), rel=1e-3)
     assert float(shuffled) > float(aligned) + 5
+
+
+def test_listwise_alignment_loss_ranks_each_true_pair_against_its_own_side() -> None:
+    # Row 0 has one false image (side 0) and one false text (side 1); row 1 two false images, listed apart.
+    true_logits = torch.tensor([2.0, 0.0])
+    false_logits = torch.tensor([1.0, 0.5, 3.0, -1.0])
+    rows, sides = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 0])
+
+    def nll(true: float, *false: float) -> float:
+        return -true + math.log(sum(math.exp(x) for x in (true, *false)))
+
+    expected = (nll(2.0, 1.0) + nll(2.0, 0.5) + nll(0.0, 3.0, -1.0)) / 3
+    loss = listwise_alignment_loss(true_logits, false_logits, rows, sides)
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    # Shifting every logit of one group leaves it unchanged (only the order within a group matters).
+    shifted = listwise_alignment_loss(
+        true_logits + torch.tensor([0.0, 5.0]), false_logits + torch.tensor([0, 0, 5.0, 5.0]), rows, sides
+    )
+    assert float(shifted) == pytest.approx(expected, rel=1e-6)

@@ -130,3 +130,37 @@ def test_training_on_mined_negatives_runs_and_refreshes_the_pool(hm_slice, tmp_p
     assert trainer.mined_at == 3  # mined at step 0, refreshed at step 3
     t2i, i2t = trainer.neighbours
     assert t2i.shape == i2t.shape == (len(trainer.train_data), 8)
+
+
+def test_listwise_fine_tune_reads_unmasked_pairs_and_adds_a_ranking_term(
+    hm_slice, tmp_path, monkeypatch
+) -> None:
+    import pytest
+
+    import model.training as training
+
+    options = dict(mine_top_k=8, negatives_per_item=4, tasks=("alignment", "contrastive"))
+    binary, listwise = (
+        tiny_trainer(hm_slice, tmp_path / name, listwise=name == "listwise", **options)
+        for name in ("binary", "listwise")
+    )
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pairs were masked although no reconstruction task is trained")
+
+    monkeypatch.setattr(training, "mask_tokens", refuse)
+    monkeypatch.setattr(training, "mask_patches", refuse)
+    losses = {}
+    for name, trainer in (("binary", binary), ("listwise", listwise)):
+        trainer.model.eval()  # no dropout: both read the same pairs through the same weights
+        trainer.mine()
+        losses[name] = trainer.task_losses(list(range(16)), trainer.train_data)
+    assert set(losses["listwise"]) == {"alignment", "contrastive"}
+    # Same pairs, same binary term: the difference is the ranking term, a positive cross-entropy.
+    extra = float((losses["listwise"]["alignment"] - losses["binary"]["alignment"]).detach())
+    assert extra > 0.1
+    assert float(losses["listwise"]["contrastive"].detach()) == pytest.approx(
+        float(losses["binary"]["contrastive"].detach())
+    )
+    with pytest.raises(ValueError, match="mine_top_k"):
+        TrainConfig(listwise=True)
