@@ -100,10 +100,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     tasks = tuple(args.tasks.split(","))
     if unknown := set(tasks) - set(TASKS):
         raise SystemExit(f"error: unknown tasks {sorted(unknown)}; choose from {','.join(TASKS)}")
-    if args.listwise and not (args.mine_top_k and "alignment" in tasks):
-        raise SystemExit(
-            "error: --listwise ranks mined false pairs: it needs --mine-top-k and the alignment task"
+    try:  # before anything loads: contradictory flags fail at once
+        train_config = TrainConfig(
+            batch_size=args.batch_size,
+            max_steps=args.steps,
+            epochs=args.epochs,
+            budget_minutes=args.budget_minutes,
+            learning_rate=args.lr,
+            head_learning_rate=10 * args.lr,
+            warmup_steps=args.warmup_steps,
+            negative_temperature=args.negative_temperature or None,
+            mine_top_k=args.mine_top_k,
+            mine_every=args.mine_every,
+            negatives_per_item=args.negatives_per_item,
+            listwise=args.listwise,
+            validation_negatives=args.validation_negatives,
+            tasks=tasks,
+            adaptive=not args.fixed_weights,
+            seed=args.seed,
+            validate_every=args.validate_every,
+            device=args.device,
+            bf16=not args.fp32,
         )
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from error
     torch.manual_seed(args.seed)
     if args.init:  # fine-tune a trained checkpoint: its model shape and patch features, not the flags'
         from model.checkpoint import load_checkpoint
@@ -119,27 +139,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     kept, features = catalogue_features(catalogue, args.cache, patch_config)
     (train, train_features), (validation, validation_features) = split_with_features(
         kept, features, args.val_fraction, seed=args.split_seed
-    )
-    train_config = TrainConfig(
-        batch_size=args.batch_size,
-        max_steps=args.steps,
-        epochs=args.epochs,
-        budget_minutes=args.budget_minutes,
-        learning_rate=args.lr,
-        head_learning_rate=10 * args.lr,
-        warmup_steps=args.warmup_steps,
-        negative_temperature=args.negative_temperature or None,
-        mine_top_k=args.mine_top_k,
-        mine_every=args.mine_every,
-        negatives_per_item=args.negatives_per_item,
-        listwise=args.listwise,
-        validation_negatives=args.validation_negatives,
-        tasks=tasks,
-        adaptive=not args.fixed_weights,
-        seed=args.seed,
-        validate_every=args.validate_every,
-        device=args.device,
-        bf16=not args.fp32,
     )
     trainer = Trainer(
         model,
