@@ -20,11 +20,17 @@ import serve_load  # noqa: F401 - puts the repo on sys.path
 from app.cli import DEFAULT_CACHE
 from model.catalogue import Catalogue, load_catalogue
 from model.data import catalogue_features, split_with_features
-from model.evaluation import DIRECTIONS, _embedding_search, draw_queries, text_codes
+from model.evaluation import (
+    DIRECTIONS,
+    _embedding_search,
+    _match_pairs,
+    draw_queries,
+    reranked_ranks,
+    text_codes,
+)
 from model.inference import FashionBertInference
 from model.metrics import recall_at_k
 from model.patch_features import PatchFeatureConfig
-from model.ranking import rerank_order
 
 
 def load_validation(spec: str, inference: FashionBertInference) -> tuple[Catalogue, np.ndarray]:
@@ -43,44 +49,13 @@ def fused_ranks(
     weight: float,
     rows: np.ndarray,
 ) -> np.ndarray:
-    """Rank of the best correct candidate of each query in `rows` when the recalled (Q, K) candidates are
-    ordered by head + weight * cosine; a query whose correct item was not recalled keeps its embedding
-    rank (past K), as `fashionbert eval` counts it."""
-    scores = head[rows] + weight * cosine[rows]
-    ordered = np.take_along_axis(correct[rows], rerank_order(scores, scores.shape[1]), axis=1)
-    found = ordered.any(axis=1)
-    ranks = embedding_ranks[rows].copy()
-    ranks[found] = 1 + ordered[found].argmax(axis=1)
-    return ranks
+    """Ranks of the queries in `rows` with their (Q, K) recalled candidates ordered by head + weight x cosine."""
+    return reranked_ranks(head[rows] + weight * cosine[rows], correct[rows], embedding_ranks[rows])
 
 
 def show(direction: str, label: str, ranks: np.ndarray) -> None:
     recalls = recall_at_k(ranks, (1, 5, 10))
     print(f"{direction:<5} {label:<40} " + " ".join(f"{recalls[f'R@{k}']:6.1f}" for k in (1, 5, 10)))
-
-
-def head_logits(
-    inference: FashionBertInference,
-    token_ids: list[list[int]],
-    patches: np.ndarray,
-    text_index: np.ndarray,
-    image_index: np.ndarray,
-    batch_size: int,
-    chunk: int = 1024,
-) -> np.ndarray:
-    """The cross-encoder's head alone (tower term zeroed) for pairs (text_index[i], image_index[i])."""
-    out = []
-    for start in range(0, len(text_index), chunk):
-        texts = [token_ids[i] for i in text_index[start : start + chunk]]
-        out.append(
-            inference.match(
-                texts,
-                patches[image_index[start : start + chunk]],
-                batch_size=batch_size,
-                tower_similarity=np.zeros(len(texts), np.float32),
-            )
-        )
-    return np.concatenate(out)
 
 
 def main() -> None:
@@ -115,9 +90,17 @@ def main() -> None:
         )
         repeated = np.repeat(queries, top.shape[1])
         text_index, image_index = (top.ravel(), repeated) if direction == "i2t" else (repeated, top.ravel())
-        head = head_logits(inference, token_ids, patches, text_index, image_index, args.batch_size)
+        head = _match_pairs(  # the cross-encoder's head alone: the tower term zeroed
+            inference,
+            token_ids,
+            patches,
+            text_index,
+            image_index,
+            args.batch_size,
+            tower_similarity=np.zeros(len(text_index), np.float32),
+        ).reshape(top.shape)
         parts = (
-            head.reshape(top.shape),
+            head,
             (texts[text_index] * images[image_index]).sum(-1).reshape(top.shape),
             codes[top] == codes[queries][:, None],  # (Q, K) which candidates count as correct
             embedding_ranks,

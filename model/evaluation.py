@@ -214,12 +214,8 @@ def evaluate_gallery(
         logits = _match_pairs(
             inference, token_ids, patch_features, text_index, image_index, config.batch_size
         ).reshape(top.shape)
-        served = np.take_along_axis(recalled_top, rerank_order(logits, recall_k), axis=1)  # (Q, recall_k)
-        correct = codes[served] == codes[queries][:, None]
-        found = correct.any(axis=1)
-        # A correct item that was not recalled keeps its embedding rank, which lies past recall_k.
-        ranks = embedding_ranks.copy()
-        ranks[found] = 1 + correct[found].argmax(axis=1)
+        correct = codes[recalled_top] == codes[queries][:, None]  # (Q, recall_k)
+        ranks = reranked_ranks(logits, correct, embedding_ranks)
         report.update(_rank_metrics(f"gallery/rerank/{direction}", ranks))
     report["gallery/rerank/seconds"] = time.perf_counter() - start
     report.update(
@@ -348,6 +344,18 @@ def _group(keys: Sequence[Hashable]) -> tuple[np.ndarray, list[np.ndarray]]:
     return codes, np.split(order, bounds)
 
 
+def reranked_ranks(logits: np.ndarray, correct: np.ndarray, embedding_ranks: np.ndarray) -> np.ndarray:
+    """(Q,) rank of each query's best correct candidate once the first R of its recalled (Q, K) candidates
+    are put in order by the (Q, R) `logits`, as the service orders them (`rerank_order`); `correct` (Q, K)
+    marks the candidates that count as correct. A query whose correct item was not recalled keeps its
+    embedding rank, which lies past K."""
+    ordered = np.take_along_axis(correct, rerank_order(logits, correct.shape[1]), axis=1)
+    found = ordered.any(axis=1)
+    ranks = embedding_ranks.copy()
+    ranks[found] = 1 + ordered[found].argmax(axis=1)
+    return ranks
+
+
 def _rank_metrics(prefix: str, ranks: np.ndarray) -> dict[str, float]:
     metrics = {f"{prefix}/{name}": value for name, value in recall_at_k(ranks, RECALL_KS).items()}
     metrics[f"{prefix}/MRR"] = mean_reciprocal_rank(ranks)
@@ -361,14 +369,21 @@ def _match_pairs(
     text_index: np.ndarray,
     image_index: np.ndarray,
     batch_size: int,
+    tower_similarity: np.ndarray | None = None,
 ) -> np.ndarray:
-    """`match` logits of pairs (text of item text_index[i], image of item image_index[i]): (P,) float32."""
+    """`match` logits of pairs (text of item text_index[i], image of item image_index[i]): (P,) float32.
+    `tower_similarity` (P,), when given, replaces the pairs' tower cosine in the logit (see `match`)."""
     chunk = batch_size * _PAIR_CHUNK_BATCHES
     out = [np.zeros(0, dtype=np.float32)]
     for start in range(0, len(text_index), chunk):
         texts = [token_ids[int(i)] for i in text_index[start : start + chunk]]
         patches = patch_features[image_index[start : start + chunk]]  # gathered per chunk: (P, N, D)
-        out.append(np.asarray(inference.match(texts, patches, batch_size=batch_size), dtype=np.float32))
+        given = (
+            {} if tower_similarity is None else {"tower_similarity": tower_similarity[start : start + chunk]}
+        )
+        out.append(
+            np.asarray(inference.match(texts, patches, batch_size=batch_size, **given), dtype=np.float32)
+        )
     return np.concatenate(out)
 
 
