@@ -114,6 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             mine_every=args.mine_every,
             negatives_per_item=args.negatives_per_item,
             listwise=args.listwise,
+            detach_tower_term=args.detach_tower_term,
             validation_negatives=args.validation_negatives,
             tasks=tasks,
             adaptive=not args.fixed_weights,
@@ -509,6 +510,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--listwise",
         action="store_true",
         help="with --mine-top-k, alignment also ranks each true pair against its false pairs (softmax)",
+    )
+    p.add_argument(
+        "--detach-tower-term",
+        action="store_true",
+        help="alignment trains only the joint pass, not the towers' cosine it adds to the logit",
     )
     p.add_argument(
         "--init", default=None, help="start from this checkpoint's weights (fine-tuning), not the BERT alone"

@@ -65,6 +65,9 @@ class TrainConfig:
     # With mined negatives, alignment also ranks each true pair against its false pairs of the same side
     # (softmax cross-entropy over them), the ordering re-ranking needs, on top of the binary loss.
     listwise: bool = False
+    # Alignment trains only the joint pass: the towers' cosine in the alignment logit is read, not trained,
+    # so the cross-encoder must learn what the towers miss instead of sharpening the towers further.
+    detach_tower_term: bool = False
     max_steps: int | None = None
     epochs: float | None = None
     budget_minutes: float | None = None
@@ -340,6 +343,8 @@ class Trainer:
             )
         # The alignment logit adds the towers' cosine of each pair (see FashionBert.alignment_logits).
         tower_similarity = (text_embeddings[text_rows] * image_embeddings[image_rows]).sum(-1)
+        if config.detach_tower_term:
+            tower_similarity = tower_similarity.detach()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
             outputs = self.pretraining(
                 masked_ids.to(device),

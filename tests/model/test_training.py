@@ -164,3 +164,17 @@ def test_listwise_fine_tune_reads_unmasked_pairs_and_adds_a_ranking_term(
     )
     with pytest.raises(ValueError, match="mine_top_k"):
         TrainConfig(listwise=True)
+
+
+def test_detached_tower_term_leaves_the_image_tower_to_the_contrastive_loss(hm_slice, tmp_path) -> None:
+    """The image tower feeds alignment only through the tower cosine: detached, alignment cannot move it."""
+    options = dict(mine_top_k=8, negatives_per_item=2, tasks=("alignment", "contrastive"), listwise=True)
+    for detach in (False, True):
+        trainer = tiny_trainer(hm_slice, tmp_path / str(detach), detach_tower_term=detach, **options)
+        trainer.mine()
+        losses = trainer.task_losses(list(range(16)), trainer.train_data)
+        losses["alignment"].backward()
+        grads = [p.grad for p in trainer.model.image_projection.parameters()]
+        reached = any(g is not None and bool(g.abs().sum() > 0) for g in grads)
+        assert reached != detach
+        assert trainer.model.alignment_head.weight.grad.abs().sum() > 0  # the joint pass still trains
