@@ -115,6 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             negatives_per_item=args.negatives_per_item,
             listwise=args.listwise,
             detach_tower_term=args.detach_tower_term,
+            head_alignment=args.head_alignment,
             validation_negatives=args.validation_negatives,
             tasks=tasks,
             adaptive=not args.fixed_weights,
@@ -515,6 +516,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--detach-tower-term",
         action="store_true",
         help="alignment trains only the joint pass, not the towers' cosine it adds to the logit",
+    )
+    p.add_argument(
+        "--head-alignment",
+        action="store_true",
+        help="alignment also trains the joint pass's head alone, without the towers' cosine",
     )
     p.add_argument(
         "--init", default=None, help="start from this checkpoint's weights (fine-tuning), not the BERT alone"

@@ -1,6 +1,7 @@
 """How much the cross-encoder adds to the towers: gallery retrieval with the re-rank score split in two.
 
     python benchmarks/rerank_fusion.py --model runs/hm-listwise/best --data hm:../shared/data/hm
+    python benchmarks/rerank_fusion.py ... --split train    # the items the model was trained on
 
 The alignment logit is `head(joint pass) + tower_scale * cosine` (model/fashionbert.py). This scores the
 validation gallery's recalled candidates once with the head alone, then ranks them by
@@ -33,12 +34,15 @@ from model.metrics import recall_at_k
 from model.patch_features import PatchFeatureConfig
 
 
-def load_validation(spec: str, inference: FashionBertInference) -> tuple[Catalogue, np.ndarray]:
-    """The validation split `fashionbert eval` measures on (its default fraction and seed)."""
+def load_split(
+    spec: str, inference: FashionBertInference, part: str, limit: int | None = None
+) -> tuple[Catalogue, np.ndarray]:
+    """The validation split `fashionbert eval` measures on (its default fraction and seed), or the train
+    split the model was fitted on (does the head rank what it was trained on?)."""
     patch_config = PatchFeatureConfig.from_dict(inference.config.patch_features)
-    kept, features = catalogue_features(load_catalogue(spec), DEFAULT_CACHE, patch_config)
-    _, validation = split_with_features(kept, features, 0.1, seed=0)
-    return validation
+    kept, features = catalogue_features(load_catalogue(spec, limit=limit), DEFAULT_CACHE, patch_config)
+    train, validation = split_with_features(kept, features, 0.1, seed=0)
+    return train if part == "train" else validation
 
 
 def fused_ranks(
@@ -62,6 +66,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="checkpoint folder")
     parser.add_argument("--data", required=True, help="catalogue SPEC (its validation split is the gallery)")
+    parser.add_argument(
+        "--split", choices=("validation", "train"), default="validation", help="the gallery and its queries"
+    )
+    parser.add_argument(
+        "--limit", type=int, default=None, help="read only the first N items (as train --limit)"
+    )
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--recall-k", type=int, default=50, help="candidates re-ranked per query")
     parser.add_argument("--weights", default="0,2.5,5,10,15,20,30,50", help="tower weights w to try")
@@ -69,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
 
     inference = FashionBertInference.from_checkpoint(args.model, device="cpu")
-    catalogue, patches = load_validation(args.data, inference)
+    catalogue, patches = load_split(args.data, inference, args.split, args.limit)
     n = len(catalogue)
     queries = draw_queries(n, args.queries, np.random.default_rng(0))  # fashionbert eval's queries
     codes = text_codes(catalogue)

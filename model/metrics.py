@@ -69,3 +69,22 @@ def accuracy(scores: np.ndarray, labels: np.ndarray, threshold: float = 0.0) -> 
     assert scores.shape == labels.shape, f"{scores.shape[0]} scores but {labels.shape[0]} labels"
     assert scores.size > 0, "accuracy of no pairs is undefined"
     return float(100.0 * np.mean((scores > threshold) == labels))
+
+
+def pair_score_shares(scores: np.ndarray) -> dict[str, float]:
+    """Two-way decomposition of a (T, I) matrix of pair scores (every text against every image): the
+    share of its variance explained by a per-text effect, a per-image effect, and their interaction.
+
+    A matcher must score *pairs*: a score that is a text prior plus an image prior (interaction near 0)
+    cannot tell which text goes with which image, however well it separates true pairs from random ones."""
+    scores = np.asarray(scores, dtype=np.float64)
+    centred = scores - scores.mean()
+    text = centred.mean(axis=1, keepdims=True)  # (T, 1)
+    image = centred.mean(axis=0, keepdims=True)  # (1, I)
+    interaction = centred - text - image
+    total = max(float((centred**2).sum()), 1e-300)
+    return {
+        "text": float((text**2).sum()) * scores.shape[1] / total,
+        "image": float((image**2).sum()) * scores.shape[0] / total,
+        "interaction": float((interaction**2).sum()) / total,
+    }

@@ -68,6 +68,9 @@ class TrainConfig:
     # Alignment trains only the joint pass: the towers' cosine in the alignment logit is read, not trained,
     # so the cross-encoder must learn what the towers miss instead of sharpening the towers further.
     detach_tower_term: bool = False
+    # Alignment also scores the joint pass's head alone (its logit without the tower term): once the towers
+    # separate the training pairs, the summed logit saturates and leaves the head no gradient to learn from.
+    head_alignment: bool = False
     max_steps: int | None = None
     epochs: float | None = None
     budget_minutes: float | None = None
@@ -364,11 +367,16 @@ class Trainer:
             losses["mlm"] = masked_language_loss(outputs.mlm_logits, mlm_targets.to(device))
         if mpm_targets is not None:
             losses["mpm"] = masked_patch_loss(outputs.mpm_predictions, mpm_targets.to(device))
+        scored = [outputs.alignment_logits]
+        if config.head_alignment:
+            head_logits = outputs.alignment_logits - model.tower_scale * tower_similarity
+            scored.append(head_logits)
+            losses["alignment"] = losses["alignment"] + alignment_loss(head_logits, labels.to(device))
         if config.listwise:
-            logits = outputs.alignment_logits
-            losses["alignment"] = losses["alignment"] + listwise_alignment_loss(
-                logits[:b], logits[b:], false_rows.to(device), false_sides.to(device)
-            )
+            for logits in scored:
+                losses["alignment"] = losses["alignment"] + listwise_alignment_loss(
+                    logits[:b], logits[b:], false_rows.to(device), false_sides.to(device)
+                )
         return {name: losses[name] for name in config.tasks}
 
     def mine(self) -> None:

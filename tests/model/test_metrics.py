@@ -7,7 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from model.metrics import accuracy, mean_reciprocal_rank, rank_of_positive, recall_at_k, roc_auc
+from model.metrics import (
+    accuracy,
+    mean_reciprocal_rank,
+    pair_score_shares,
+    rank_of_positive,
+    recall_at_k,
+    roc_auc,
+)
 
 
 def test_rank_of_positive_hand_cases():
@@ -93,3 +100,18 @@ def test_accuracy_with_threshold():
     labels = np.array([True, False, False, True])
     assert accuracy(scores, labels) == 50.0
     assert accuracy(scores, labels, threshold=0.7) == 75.0
+
+
+def test_pair_score_shares_separate_priors_from_matching():
+    text_prior, image_prior = np.array([[0.0], [1.0], [2.0]]), np.array([[0.0, 3.0, 0.0]])
+    additive = pair_score_shares(text_prior + image_prior)  # no pair is special: no interaction
+    assert additive["interaction"] == pytest.approx(0.0, abs=1e-12)
+    # Text effects -1, 0, 1 over 3 images: 6; image effects -1, 2, -1 over 3 texts: 18.
+    assert additive["text"] == pytest.approx(6 / 24)
+    assert additive["image"] == pytest.approx(18 / 24)
+    matching = pair_score_shares(np.eye(4))  # only the true pairs score: every row and column alike
+    assert matching["text"] == pytest.approx(0.0, abs=1e-12)
+    assert matching["image"] == pytest.approx(0.0, abs=1e-12)
+    assert matching["interaction"] == pytest.approx(1.0)
+    mixed = pair_score_shares(np.eye(3) + text_prior)  # text effects -1, 0, 1: 6; interaction 2 (of 8)
+    assert mixed == pytest.approx({"text": 6 / 8, "image": 0.0, "interaction": 2 / 8})
