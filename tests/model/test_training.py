@@ -178,3 +178,25 @@ def test_detached_tower_term_leaves_the_image_tower_to_the_contrastive_loss(hm_s
         reached = any(g is not None and bool(g.abs().sum() > 0) for g in grads)
         assert reached != detach
         assert trainer.model.alignment_head.weight.grad.abs().sum() > 0  # the joint pass still trains
+
+
+def test_head_alignment_adds_the_alignment_losses_of_the_head_alone(hm_slice, tmp_path) -> None:
+    """--head-alignment adds the binary and listwise losses of the head's logit without the tower term:
+    with tower_scale 0 that doubles the loss; with any other scale the added part stays the same."""
+    import pytest
+
+    options = dict(mine_top_k=8, negatives_per_item=2, tasks=("alignment", "contrastive"), listwise=True)
+    loss = {}
+    for scale in (0.0, 5.0):
+        for head_alignment in (False, True):
+            out = tmp_path / f"{scale}-{head_alignment}"
+            trainer = tiny_trainer(hm_slice, out, head_alignment=head_alignment, **options)
+            trainer.model.eval()  # no dropout: every trainer reads the same pairs through the same weights
+            with torch.no_grad():
+                trainer.model.tower_scale.fill_(scale)
+            trainer.mine()
+            losses = trainer.task_losses(list(range(16)), trainer.train_data)
+            loss[scale, head_alignment] = float(losses["alignment"].detach())
+    assert loss[0.0, True] == pytest.approx(2 * loss[0.0, False], rel=1e-4)
+    assert loss[5.0, True] - loss[5.0, False] == pytest.approx(loss[0.0, False], rel=1e-3)
+    assert loss[5.0, False] != pytest.approx(loss[0.0, False], rel=1e-3)  # the scale does move the sum
