@@ -123,16 +123,20 @@ class FashionBert(nn.Module):
         hidden = torch.cat([text, image], dim=1)  # (B, T + N, H)
         return self._encode(hidden, torch.cat([attention_mask, patch_mask], dim=1))
 
+    def alignment_head_logits(self, joint_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The joint pass's own part of the alignment logit: (B, T + N, H) and the (B, T) text mask -> (B,)."""
+        text_len = attention_mask.shape[1]
+        text = _mean_pool(joint_hidden[:, :text_len], attention_mask)  # (B, H)
+        patches = joint_hidden[:, text_len:].mean(1)  # (B, H)
+        features = torch.cat([self.bert.pooler(joint_hidden), text * patches], dim=-1)  # (B, 2H)
+        return self.alignment_head(features).squeeze(-1).float()
+
     def alignment_logits(
         self, joint_hidden: torch.Tensor, attention_mask: torch.Tensor, tower_similarity: torch.Tensor
     ) -> torch.Tensor:
         """Alignment logit of a joint pass: (B, T + N, H), the (B, T) text mask and the pairs' (B,) tower
         cosine -> (B,)."""
-        text_len = attention_mask.shape[1]
-        text = _mean_pool(joint_hidden[:, :text_len], attention_mask)  # (B, H)
-        patches = joint_hidden[:, text_len:].mean(1)  # (B, H)
-        features = torch.cat([self.bert.pooler(joint_hidden), text * patches], dim=-1)  # (B, 2H)
-        return self.alignment_head(features).squeeze(-1).float() + self.tower_scale * tower_similarity
+        return self.alignment_head_logits(joint_hidden, attention_mask) + self.tower_scale * tower_similarity
 
     # -- outward face ------------------------------------------------------------------------------------
 
@@ -179,6 +183,7 @@ class PretrainingOutputs:
     mlm_logits: torch.Tensor  # (M, V) at the masked word pieces
     mpm_predictions: torch.Tensor  # (P, D) at the masked patches
     alignment_logits: torch.Tensor  # (B,) one per pair
+    alignment_head_logits: torch.Tensor  # (B,) the same without the tower term (see `alignment_logits`)
 
 
 class FashionBertForPretraining(nn.Module):
@@ -215,8 +220,10 @@ class FashionBertForPretraining(nn.Module):
         text_len = masked_input_ids.shape[1]
         mlm_hidden = hidden[mlm_positions[:, 0], mlm_positions[:, 1]]  # (M, H)
         mpm_hidden = hidden[mpm_positions[:, 0], text_len + mpm_positions[:, 1]]  # (P, H)
+        head_logits = model.alignment_head_logits(hidden, attention_mask)
         return PretrainingOutputs(
             mlm_logits=self.mlm_head(mlm_hidden),
             mpm_predictions=self.mpm_head(mpm_hidden),
-            alignment_logits=model.alignment_logits(hidden, attention_mask, tower_similarity),
+            alignment_logits=head_logits + model.tower_scale * tower_similarity,
+            alignment_head_logits=head_logits,
         )

@@ -369,9 +369,9 @@ class Trainer:
             losses["mpm"] = masked_patch_loss(outputs.mpm_predictions, mpm_targets.to(device))
         scored = [outputs.alignment_logits]
         if config.head_alignment:
-            head_logits = outputs.alignment_logits - model.tower_scale * tower_similarity
-            scored.append(head_logits)
-            losses["alignment"] = losses["alignment"] + alignment_loss(head_logits, labels.to(device))
+            scored.append(outputs.alignment_head_logits)
+            head_loss = alignment_loss(outputs.alignment_head_logits, labels.to(device))
+            losses["alignment"] = losses["alignment"] + head_loss
         if config.listwise:
             for logits in scored:
                 losses["alignment"] = losses["alignment"] + listwise_alignment_loss(
