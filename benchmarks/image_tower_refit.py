@@ -1,0 +1,148 @@
+"""Is the image tower what holds recall back? Re-fit it against the fixed text tower and compare.
+
+    python benchmarks/image_tower_refit.py --model runs/hm-listwise/best --data hm:../shared/data/hm
+
+The text tower's embeddings of the train split are computed once and held fixed; a fresh image tower is
+fitted to them with the symmetric InfoNCE loss (items with identical text count as positives of each
+other), then the validation gallery is searched with it (R@1 / R@10 of `fashionbert eval`'s 1,000
+queries). Two towers: the model's own design (mean of the patch grid, then an MLP), and attention pooling
+over the 64 patches (a learned query over the projected patches plus their position, added to the mean
+path), which can weigh the garment over the background. Fitting costs seconds, not a training run, since
+the text tower does not move. Equal figures say the frozen patch network's features, not the pooling,
+bound recall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rerank_fusion import load_split
+from torch import nn
+
+from model.evaluation import _embedding_search, draw_queries, text_codes
+from model.inference import FashionBertInference
+from model.metrics import recall_at_k
+
+
+class MeanPoolTower(nn.Module):
+    """The model's own image tower (FashionBert.image_projection): mean of the grid, then an MLP."""
+
+    def __init__(self, feature_dim: int, hidden: int, embed_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(feature_dim), nn.Linear(feature_dim, hidden), nn.GELU(), nn.Linear(hidden, embed_dim)
+        )
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.mlp(patches.mean(1)), dim=-1)
+
+
+class AttentionPoolTower(nn.Module):
+    """A learned query attends over the projected patches (plus their grid position); added to the mean path."""
+
+    def __init__(self, feature_dim: int, hidden: int, embed_dim: int, num_patches: int, heads: int = 4):
+        super().__init__()
+        self.patch_projection = nn.Sequential(nn.LayerNorm(feature_dim), nn.Linear(feature_dim, hidden))
+        self.position = nn.Parameter(torch.zeros(num_patches, hidden))
+        self.query = nn.Parameter(torch.randn(1, 1, hidden) * 0.02)
+        self.attention = nn.MultiheadAttention(hidden, heads, batch_first=True)
+        self.mean_projection = nn.Sequential(nn.LayerNorm(feature_dim), nn.Linear(feature_dim, hidden))
+        self.out = nn.Sequential(nn.GELU(), nn.Linear(hidden, embed_dim))
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        keys = self.patch_projection(patches) + self.position  # (B, N, H)
+        attended, _ = self.attention(self.query.expand(len(patches), -1, -1), keys, keys)  # (B, 1, H)
+        return F.normalize(self.out(attended.squeeze(1) + self.mean_projection(patches.mean(1))), dim=-1)
+
+
+def fit(
+    tower: nn.Module, patches: np.ndarray, texts: torch.Tensor, codes: np.ndarray, args: argparse.Namespace
+) -> None:
+    optimizer = torch.optim.AdamW(tower.parameters(), lr=args.lr, weight_decay=0.05)
+    generator = torch.Generator().manual_seed(args.seed)
+    started = time.monotonic()
+    for step in range(args.steps):
+        factor = min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * factor
+        batch = torch.randperm(len(patches), generator=generator)[: args.batch_size].numpy()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            images = tower(torch.from_numpy(patches[batch].astype(np.float32)))
+        logits = args.scale * texts[batch] @ images.float().T  # (B, B)
+        same = torch.from_numpy(codes[batch][:, None] == codes[batch][None, :]).float()
+        targets = same / same.sum(1, keepdim=True)  # identical texts share the probability
+        loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 200 == 0 or step + 1 == args.steps:
+            print(f"  step {step} loss {loss.item():.3f} ({time.monotonic() - started:.0f} s)", flush=True)
+
+
+@torch.no_grad()
+def embed(tower: nn.Module, patches: np.ndarray) -> np.ndarray:
+    tower.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rows = [
+            tower(torch.from_numpy(patches[i : i + 256].astype(np.float32))).float()
+            for i in range(0, len(patches), 256)
+        ]
+    return torch.cat(rows).numpy()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="checkpoint folder (its text tower is kept)")
+    parser.add_argument(
+        "--data", required=True, help="catalogue SPEC (train split fits, validation measures)"
+    )
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--scale", type=float, default=25.0, help="InfoNCE logit scale (the model's is 24.9)")
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+
+    inference = FashionBertInference.from_checkpoint(args.model, device="cpu")
+    (train, train_patches), (val, val_patches) = (
+        load_split(args.data, inference, part) for part in ("train", "validation")
+    )
+    train_texts = torch.from_numpy(
+        inference.encode_token_ids(inference.tokenize([i.text for i in train.items]))
+    )
+    val_texts = inference.encode_token_ids(inference.tokenize([i.text for i in val.items]))
+    codes = text_codes(val)
+    queries = draw_queries(len(val), args.queries, np.random.default_rng(0))  # fashionbert eval's queries
+
+    def gallery(images: np.ndarray) -> str:
+        cells = []
+        for direction, (asked, searched) in (("i2t", (images, val_texts)), ("t2i", (val_texts, images))):
+            ranks, _ = _embedding_search(asked[queries], searched, codes[queries], codes, 10)
+            recalls = recall_at_k(ranks, (1, 10))
+            cells.append(f"{direction} R@1 {recalls['R@1']:.1f} R@10 {recalls['R@10']:.1f}")
+        return ", ".join(cells)
+
+    config = inference.model.config
+    hidden, embed_dim = inference.model.bert.config.hidden_size, config.embed_dim
+    print(f"the model's own image tower: {gallery(inference.encode_images(val_patches))}", flush=True)
+    towers = {
+        "mean pool, re-fitted": MeanPoolTower(config.patch_feature_dim, hidden, embed_dim),
+        "attention pool, fitted": AttentionPoolTower(
+            config.patch_feature_dim, hidden, embed_dim, config.num_patches
+        ),
+    }
+    for name, tower in towers.items():
+        print(f"{name}:", flush=True)
+        fit(tower, train_patches, train_texts, text_codes(train), args)
+        print(f"{name}: {gallery(embed(tower, val_patches))}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
