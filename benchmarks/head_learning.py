@@ -39,14 +39,16 @@ WEIGHTS = (0.0, 2.5, 5.0, 10.0, 20.0, 40.0)
 
 
 class HeadLearning:
+    """One experiment: the checkpoint, both splits in memory, the head-only training loop and its checks."""
+
     def __init__(self, args: argparse.Namespace):
         self.args = args
         torch.manual_seed(args.seed)
         self.rng = np.random.default_rng(args.seed)
         self.inference = FashionBertInference.from_checkpoint(args.model, device="cpu")
         self.model = self.inference.model.float()
-        (self.train, self.train_patches) = load_split(args.data, self.inference, "train")
-        (self.val, self.val_patches) = load_split(args.data, self.inference, "validation")
+        self.train, self.train_patches = load_split(args.data, self.inference, "train")
+        self.val, self.val_patches = load_split(args.data, self.inference, "validation")
         self.train_tokens = self.inference.tokenize([item.text for item in self.train.items])
         self.val_tokens = self.inference.tokenize([item.text for item in self.val.items])
         self.train_codes, self.val_codes = text_codes(self.train), text_codes(self.val)
