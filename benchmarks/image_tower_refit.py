@@ -15,6 +15,7 @@ bound recall.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import time
 
@@ -30,13 +31,15 @@ from model.metrics import recall_at_k
 
 
 class MeanPoolTower(nn.Module):
-    """The model's own image tower (FashionBert.image_projection): mean of the grid, then an MLP."""
+    """The model's own image tower (`FashionBert.encode_image`): mean of the grid, then a freshly initialised
+    copy of its `image_projection`."""
 
-    def __init__(self, feature_dim: int, hidden: int, embed_dim: int):
+    def __init__(self, image_projection: nn.Module):
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.LayerNorm(feature_dim), nn.Linear(feature_dim, hidden), nn.GELU(), nn.Linear(hidden, embed_dim)
-        )
+        self.mlp = copy.deepcopy(image_projection)
+        for layer in self.mlp.modules():
+            if hasattr(layer, "reset_parameters"):
+                layer.reset_parameters()
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.mlp(patches.mean(1)), dim=-1)
@@ -114,10 +117,8 @@ def main() -> None:
     (train, train_patches), (val, val_patches) = (
         load_split(args.data, inference, part) for part in ("train", "validation")
     )
-    train_texts = torch.from_numpy(
-        inference.encode_token_ids(inference.tokenize([i.text for i in train.items]))
-    )
-    val_texts = inference.encode_token_ids(inference.tokenize([i.text for i in val.items]))
+    train_texts = torch.from_numpy(inference.encode_texts([i.text for i in train.items]))
+    val_texts = inference.encode_texts([i.text for i in val.items])
     codes = text_codes(val)
     queries = draw_queries(len(val), args.queries, np.random.default_rng(0))  # fashionbert eval's queries
 
@@ -133,7 +134,7 @@ def main() -> None:
     hidden, embed_dim = inference.model.bert.config.hidden_size, config.embed_dim
     print(f"the model's own image tower: {gallery(inference.encode_images(val_patches))}", flush=True)
     towers = {
-        "mean pool, re-fitted": MeanPoolTower(config.patch_feature_dim, hidden, embed_dim),
+        "mean pool, re-fitted": MeanPoolTower(inference.model.image_projection).float(),
         "attention pool, fitted": AttentionPoolTower(
             config.patch_feature_dim, hidden, embed_dim, config.num_patches
         ),

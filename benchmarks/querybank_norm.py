@@ -49,11 +49,11 @@ def main() -> None:
         load_split(args.data, inference, part) for part in ("train", "validation")
     )
     bank = {
-        "text": inference.encode_token_ids(inference.tokenize([item.text for item in train.items])),
+        "text": inference.encode_texts([item.text for item in train.items]),
         "image": inference.encode_images(train_patches),
     }
     gallery = {
-        "text": inference.encode_token_ids(inference.tokenize([item.text for item in val.items])),
+        "text": inference.encode_texts([item.text for item in val.items]),
         "image": inference.encode_images(val_patches),
     }
     codes = text_codes(val)

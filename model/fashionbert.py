@@ -136,7 +136,13 @@ class FashionBert(nn.Module):
     ) -> torch.Tensor:
         """Alignment logit of a joint pass: (B, T + N, H), the (B, T) text mask and the pairs' (B,) tower
         cosine -> (B,)."""
-        return self.alignment_head_logits(joint_hidden, attention_mask) + self.tower_scale * tower_similarity
+        return self.with_tower_term(
+            self.alignment_head_logits(joint_hidden, attention_mask), tower_similarity
+        )
+
+    def with_tower_term(self, head_logits: torch.Tensor, tower_similarity: torch.Tensor) -> torch.Tensor:
+        """The alignment logit from the head's: (B,) head logits + tower_scale x the pairs' (B,) tower cosine."""
+        return head_logits + self.tower_scale * tower_similarity
 
     # -- outward face ------------------------------------------------------------------------------------
 
@@ -224,6 +230,6 @@ class FashionBertForPretraining(nn.Module):
         return PretrainingOutputs(
             mlm_logits=self.mlm_head(mlm_hidden),
             mpm_predictions=self.mpm_head(mpm_hidden),
-            alignment_logits=head_logits + model.tower_scale * tower_similarity,
+            alignment_logits=model.with_tower_term(head_logits, tower_similarity),
             alignment_head_logits=head_logits,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from model.config import TINY_BERT, FashionBertConfig
@@ -135,8 +136,6 @@ def test_training_on_mined_negatives_runs_and_refreshes_the_pool(hm_slice, tmp_p
 def test_listwise_fine_tune_reads_unmasked_pairs_and_adds_a_ranking_term(
     hm_slice, tmp_path, monkeypatch
 ) -> None:
-    import pytest
-
     import model.training as training
 
     options = dict(mine_top_k=8, negatives_per_item=4, tasks=("alignment", "contrastive"))
@@ -183,8 +182,6 @@ def test_detached_tower_term_leaves_the_image_tower_to_the_contrastive_loss(hm_s
 def test_head_alignment_adds_the_alignment_losses_of_the_head_alone(hm_slice, tmp_path) -> None:
     """--head-alignment adds the binary and listwise losses of the head's logit without the tower term:
     with tower_scale 0 that doubles the loss; with any other scale the added part stays the same."""
-    import pytest
-
     options = dict(mine_top_k=8, negatives_per_item=2, tasks=("alignment", "contrastive"), listwise=True)
     loss = {}
     for scale in (0.0, 5.0):
