@@ -33,8 +33,10 @@ class FashionBertConfig:
     # A BertConfig as a dict. Filled from `text_model` when the model is first built, so a checkpoint
     # can be rebuilt without the original weights; set by hand for tiny random test models.
     bert: dict[str, Any] = field(default_factory=dict)
-    # Image side: one feature vector per patch, from the frozen patch network.
+    # Image side: one feature vector per patch, from the frozen patch network; its last `colour_dim` dims are
+    # the patch's colour histogram (model/colour.py), 0 when the patch network adds none.
     patch_feature_dim: int = 1280
+    colour_dim: int = 0
     num_patches: int = 64
     # Average k x k neighbouring patches before the encoder (an 8 x 8 grid becomes 4 x 4 at k = 2): the
     # joint sequence, hence training, evaluation and re-ranking cost, shrinks about 2x on CPU.
@@ -47,6 +49,11 @@ class FashionBertConfig:
     # Pre-training task settings (the paper's rates).
     mlm_probability: float = 0.15
     mpm_probability: float = 0.10
+
+    @property
+    def cnn_feature_dim(self) -> int:
+        """Leading dims of each patch feature that come from the CNN (what masked patch modelling predicts)."""
+        return self.patch_feature_dim - self.colour_dim
 
     @property
     def encoder_patches(self) -> int:

@@ -22,13 +22,29 @@ from model.config import FashionBertConfig, resolve_text_model
 TEXT_SEGMENT, IMAGE_SEGMENT = 0, 1
 
 
+def colour_path(in_dim: int, out_dim: int) -> nn.Module | None:
+    """Colour histograms -> a term added to the CNN path's output; None without colour. Its last layer starts
+    at zero, so a trained model grown a colour path (`with_colour`) computes what it did before."""
+    if in_dim == 0:
+        return None
+    path = nn.Sequential(
+        nn.LayerNorm(in_dim), nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim)
+    )
+    nn.init.zeros_(path[-1].weight)
+    nn.init.zeros_(path[-1].bias)
+    return path
+
+
 class PatchEmbeddings(nn.Module):
-    """Patch feature -> hidden size, plus the patch's grid-position and the image segment embedding."""
+    """Patch feature -> hidden size, plus the patch's grid-position and the image segment embedding. The
+    CNN part and the colour histogram (when there is one) are projected apart and summed."""
 
     def __init__(self, config: FashionBertConfig, bert_config: BertConfig):
         super().__init__()
         hidden = bert_config.hidden_size
-        self.projection = nn.Linear(config.patch_feature_dim, hidden)
+        self.cnn_dim = config.cnn_feature_dim
+        self.projection = nn.Linear(self.cnn_dim, hidden)
+        self.colour_projection = colour_path(config.colour_dim, hidden)
         self.grid_position = nn.Embedding(config.encoder_patches, hidden)
         self.layer_norm = nn.LayerNorm(hidden, eps=bert_config.layer_norm_eps)
         self.dropout = nn.Dropout(bert_config.hidden_dropout_prob)
@@ -39,7 +55,10 @@ class PatchEmbeddings(nn.Module):
         positions = torch.arange(n, device=patch_features.device)
         # The dtype of the weights (bf16 when serving holds bf16); an embedding's, as the projection may be
         # an int8 module (model.inference.int8_encoder_copy) whose weight is not a tensor.
-        x = self.projection(patch_features.to(self.grid_position.weight.dtype))
+        patch_features = patch_features.to(self.grid_position.weight.dtype)
+        x = self.projection(patch_features[..., : self.cnn_dim])
+        if self.colour_projection is not None:
+            x = x + self.colour_projection(patch_features[..., self.cnn_dim :])
         x = x + self.grid_position(positions) + segment_embedding
         return self.dropout(self.layer_norm(x))
 
@@ -80,11 +99,14 @@ class FashionBert(nn.Module):
         # Image tower: the patch network's features pooled over the image and projected by a small MLP,
         # so recall embeddings cost no encoder pass (index builds and image queries stay cheap).
         self.image_projection = nn.Sequential(
-            nn.LayerNorm(config.patch_feature_dim),
-            nn.Linear(config.patch_feature_dim, hidden),
+            nn.LayerNorm(config.cnn_feature_dim),
+            nn.Linear(config.cnn_feature_dim, hidden),
             nn.GELU(),
             nn.Linear(hidden, config.embed_dim),
         )
+        # The image's colour histogram (the mean of its patches') gets its own small MLP, summed in: ImageNet
+        # features barely tell beige from black (model/colour.py).
+        self.image_colour_projection = colour_path(config.colour_dim, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(2.6593))  # log(1 / 0.07), as CLIP
 
     @classmethod
@@ -155,7 +177,11 @@ class FashionBert(nn.Module):
         """Image patches alone -> L2-normalised recall embedding (B, E)."""
         pooled = patch_features.float().mean(1)  # (B, D): the patch network's global average pool
         pooled = pooled.to(self.image_projection[0].weight.dtype)  # bf16 when serving holds bf16 weights
-        return F.normalize(self.image_projection(pooled).float(), dim=-1)
+        cnn_dim = self.config.cnn_feature_dim
+        embedding = self.image_projection(pooled[:, :cnn_dim])
+        if self.image_colour_projection is not None:
+            embedding = embedding + self.image_colour_projection(pooled[:, cnn_dim:])
+        return F.normalize(embedding.float(), dim=-1)
 
     def match(
         self,
@@ -187,7 +213,7 @@ class PretrainingOutputs:
     """What the task heads predicted; `model/losses.py` turns these into losses."""
 
     mlm_logits: torch.Tensor  # (M, V) at the masked word pieces
-    mpm_predictions: torch.Tensor  # (P, D) at the masked patches
+    mpm_predictions: torch.Tensor  # (P, D_cnn) at the masked patches: their CNN features
     alignment_logits: torch.Tensor  # (B,) one per pair
     alignment_head_logits: torch.Tensor  # (B,) the same without the tower term (see `alignment_logits`)
 
@@ -207,7 +233,7 @@ class FashionBertForPretraining(nn.Module):
             nn.Linear(hidden, hidden),
             nn.GELU(),
             nn.LayerNorm(hidden, eps=bert_config.layer_norm_eps),
-            nn.Linear(hidden, model.config.patch_feature_dim),
+            nn.Linear(hidden, model.config.cnn_feature_dim),  # the CNN's feature; colour is not predicted
         )
 
     def forward(

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from model.colour import COLOUR_DIM, colour_histograms
 from model.files import sha256_file
 from model.patches import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, letterbox, normalize
 
@@ -141,6 +142,9 @@ class PatchFeatureConfig:
     mode: str = "whole"
     patch_input_size: int = 64
     feature_layer: str = "head"  # "head": after conv_head (1280-d); "blocks": last block's output (320-d)
+    # Append each patch's colour histogram (model/colour.py) to its CNN feature. Off in configs saved
+    # before it existed, so their checkpoints and caches read as they were written.
+    colour: bool = False
 
     def __post_init__(self) -> None:
         backbone = get_backbone(self.backbone)
@@ -159,8 +163,13 @@ class PatchFeatureConfig:
         return self.grid * self.grid
 
     @property
+    def colour_dim(self) -> int:
+        """Trailing dims of each patch feature that are its colour histogram."""
+        return COLOUR_DIM if self.colour else 0
+
+    @property
     def feature_dim(self) -> int:
-        return get_backbone(self.backbone).feature_dims[self.feature_layer]
+        return get_backbone(self.backbone).feature_dims[self.feature_layer] + self.colour_dim
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -178,7 +187,8 @@ class PatchFeatureConfig:
 
 
 class PatchFeatureExtractor(nn.Module):
-    """Frozen pretrained CNN: letterboxed images -> (B, N, D) patch features. Always in eval mode."""
+    """Frozen pretrained CNN: letterboxed images -> (B, N, D) patch features (+ colour histograms when the
+    config asks). Always in eval mode."""
 
     def __init__(self, config: PatchFeatureConfig | None = None, device: str | torch.device = "cpu") -> None:
         super().__init__()
@@ -214,7 +224,7 @@ class PatchFeatureExtractor(nn.Module):
         return x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalised (B, 3, S, S) -> patch features (B, N, D)."""
+        """Normalised (B, 3, S, S) -> the CNN's patch features (B, N, D_cnn), colour not included."""
         layer, grid = self.config.feature_layer, self.config.grid
         if self.config.mode == "whole":
             pixels = pixels.contiguous(memory_format=torch.channels_last)
@@ -247,8 +257,10 @@ class PatchFeatureExtractor(nn.Module):
     def extract_pixels(self, pixels: np.ndarray, autocast: bool = True) -> np.ndarray:
         """Letterboxed uint8 (B, S, S, 3) -> (B, N, D) float32 patch features."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
-            features = self(self.normalize(pixels))
-        return features.float().cpu().numpy()
+            features = self(self.normalize(pixels)).float().cpu().numpy()
+        if self.config.colour:
+            features = np.concatenate([features, colour_histograms(pixels, self.config.grid)], axis=-1)
+        return features
 
     @torch.no_grad()
     def classify(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -262,9 +274,13 @@ class PatchFeatureExtractor(nn.Module):
 
     def fingerprint(self) -> str:
         """sha256 over the config, the weight file's contents and FEATURES_VERSION."""
-        # The weights enter by content, not path: moving the file keeps the fingerprint.
+        # The weights enter by content, not path: moving the file keeps the fingerprint. A config without
+        # colour hashes as before the field existed, so caches written then still serve it.
+        config = {**self.config.to_dict(), "weights": None}
+        if not config["colour"]:
+            del config["colour"]
         identity = {
-            "config": {**self.config.to_dict(), "weights": None},
+            "config": config,
             "weights_sha256": self.weights_sha256,
             "features_version": FEATURES_VERSION,
         }

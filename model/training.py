@@ -21,7 +21,7 @@ import math
 import random
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from model.losses import (
     masked_patch_loss,
 )
 from model.masking import mask_patches, mask_tokens
+from model.patch_features import PatchFeatureConfig
 
 logger = logging.getLogger(__name__)
 
@@ -366,7 +367,8 @@ class Trainer:
         if mlm_targets is not None:
             losses["mlm"] = masked_language_loss(outputs.mlm_logits, mlm_targets.to(device))
         if mpm_targets is not None:
-            losses["mpm"] = masked_patch_loss(outputs.mpm_predictions, mpm_targets.to(device))
+            cnn_targets = mpm_targets[:, : model.config.cnn_feature_dim]  # colour is an input, not a target
+            losses["mpm"] = masked_patch_loss(outputs.mpm_predictions, cnn_targets.to(device))
         scored = [outputs.alignment_logits]
         if config.head_alignment:
             scored.append(outputs.alignment_head_logits)
@@ -605,3 +607,22 @@ def build_model(
     tokenizer = AutoTokenizer.from_pretrained(resolve_text_model(config.text_model))
     model = FashionBert.from_pretrained_text_model(config) if pretrained else FashionBert(config)
     return model, tokenizer
+
+
+def grow_colour_path(model: FashionBert) -> FashionBert:
+    """A trained model that reads patch features with colour histograms appended (model/colour.py): its
+    weights, plus colour paths whose last layers start at zero, so it scores exactly as before until
+    fine-tuning teaches it colour. Fine-tuning a checkpoint this way costs a fraction of training anew."""
+    patch_config = replace(PatchFeatureConfig.from_dict(model.config.patch_features), colour=True)
+    if model.config.colour_dim:
+        raise ValueError("the model already reads colour histograms")
+    config = replace(
+        model.config,
+        patch_feature_dim=model.config.patch_feature_dim + patch_config.colour_dim,
+        colour_dim=patch_config.colour_dim,
+        patch_features=patch_config.to_dict(),
+    )
+    grown = FashionBert(config, bert=model.bert)
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all("colour_projection" in key for key in missing), (missing, unexpected)
+    return grown

@@ -28,18 +28,20 @@ def feature_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def hm_slice(shared_data: Path, feature_cache_dir: Path):
-    """(catalogue, float16 patch features) of the first 64 H&M items, through the real EfficientNet once."""
+    """(catalogue, float16 patch features) of the first 64 H&M items, through the real EfficientNet once,
+    with colour histograms appended (what a new model reads)."""
     from model.catalogue import load_catalogue
     from model.data import catalogue_features
     from model.patch_features import PatchFeatureConfig
 
     catalogue = load_catalogue(f"hm:{shared_data / 'hm'}", limit=64)
-    return catalogue_features(catalogue, feature_cache_dir, PatchFeatureConfig())
+    return catalogue_features(catalogue, feature_cache_dir, PatchFeatureConfig(colour=True))
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A saved checkpoint of a tiny random FashionBERT (hidden 64, 2 layers, embed 32) with the real tokenizer."""
+    """A saved checkpoint of a tiny random FashionBERT (hidden 64, 2 layers, embed 32) with the real tokenizer,
+    reading `hm_slice`'s patch features (CNN + colour)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -49,12 +51,14 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from model.patch_features import PatchFeatureConfig
 
     torch.manual_seed(0)
+    patch_config = PatchFeatureConfig(colour=True)
     config = FashionBertConfig(
         bert=dict(TINY_BERT),
-        patch_feature_dim=1280,
+        patch_feature_dim=patch_config.feature_dim,
+        colour_dim=patch_config.colour_dim,
         num_patches=64,
         embed_dim=32,
-        patch_features=PatchFeatureConfig().to_dict(),
+        patch_features=patch_config.to_dict(),
     )
     tokenizer = AutoTokenizer.from_pretrained(resolve_text_model(DEFAULT_TEXT_MODEL))
     return save_checkpoint(FashionBert(config), tokenizer, tmp_path_factory.mktemp("tiny") / "checkpoint", {})

@@ -59,7 +59,7 @@ def test_metadata_tokens_and_patches_round_trip(base_bundle: Path, hm_slice, tin
         )
 
         decoded = bundle.patch_features([0, 1, 2])
-        assert decoded.shape == (3, 16, 1280) and decoded.dtype == np.float32
+        assert decoded.shape == (3, 16, 1536) and decoded.dtype == np.float32  # CNN 1280 + colour 256
         original = pool_grid(features[:3], 2).astype(np.float32)
         relative = ((decoded - original) ** 2).sum() / (original**2).sum()
         assert relative < 0.25, f"PQ codes lost {relative:.0%} of the patch signal"

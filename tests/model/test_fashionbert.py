@@ -10,10 +10,12 @@ import torch
 from transformers import AutoTokenizer, BertModel
 
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from model.colour import COLOUR_DIM
 from model.config import DEFAULT_TEXT_MODEL, TINY_BERT, FashionBertConfig, resolve_text_model
 from model.fashionbert import FashionBert, FashionBertForPretraining, pool_patches
 from model.inference import FashionBertInference
 from model.patches import pool_grid
+from model.training import grow_colour_path
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +193,8 @@ def test_bf16_weights_score_like_autocast(tiny_checkpoint) -> None:
     bf16 = FashionBertInference.from_checkpoint(tiny_checkpoint, device="cpu", bf16_weights=True)
     assert next(bf16.model.parameters()).dtype == torch.bfloat16
     assert next(autocast.model.parameters()).dtype == torch.float32
-    patches = np.random.default_rng(0).standard_normal((6, 64, 1280)).astype(np.float32)
+    dim = autocast.config.patch_feature_dim
+    patches = np.random.default_rng(0).standard_normal((6, 64, dim)).astype(np.float32)
     token_ids = autocast.tokenize([f"black satin midi skirt number {i}" for i in range(6)])
     np.testing.assert_allclose(bf16.encode_images(patches), autocast.encode_images(patches), atol=0.03)
     np.testing.assert_allclose(
@@ -227,10 +230,53 @@ def test_int8_matching_scores_like_fp32_and_leaves_the_towers_alone(tiny_checkpo
     assert "quantized" in type(layer).__module__
     assert "quantized" in type(int8.matcher.patch_embeddings.projection).__module__
     rng = np.random.default_rng(0)
-    patches = rng.standard_normal((40, 64, 1280)).astype(np.float32)
+    patches = rng.standard_normal((40, 64, reference.config.patch_feature_dim)).astype(np.float32)
     token_ids = reference.tokenize([f"black satin midi skirt number {i}" for i in range(40)])
     cosine = np.zeros(40, np.float32)  # the cross-encoder's part alone: the tower term is added exactly
     expected = reference.match(token_ids, patches, tower_similarity=cosine)
     got = int8.match(token_ids, patches, tower_similarity=cosine)
     assert np.corrcoef(expected, got)[0, 1] > 0.95, np.corrcoef(expected, got)[0, 1]
     np.testing.assert_allclose(got, expected, atol=0.2 * np.ptp(expected))
+
+
+def test_colour_enters_through_its_own_paths(tiny: FashionBert) -> None:
+    """The last `colour_dim` dims of a patch feature reach the towers and the joint pass through the colour
+    paths; masked patch modelling predicts the CNN part alone."""
+    torch.manual_seed(0)
+    config = FashionBertConfig(
+        bert=dict(TINY_BERT), patch_feature_dim=40, colour_dim=8, num_patches=16, embed_dim=16
+    )
+    model = FashionBert(config).eval()
+    assert model.patch_embeddings.projection.in_features == 32
+    assert FashionBertForPretraining(model).mpm_head[-1].out_features == 32
+    for path in (model.patch_embeddings.colour_projection, model.image_colour_projection):
+        torch.nn.init.normal_(path[-1].weight)  # trained colour paths are not zero
+    ids = torch.randint(1000, 2000, (2, 6))
+    patches = torch.rand(2, 16, 40)
+    recoloured = patches.clone()
+    recoloured[..., 32:] = torch.rand(2, 16, 8)
+    with torch.no_grad():
+        assert not torch.allclose(model.encode_image(patches), model.encode_image(recoloured))
+        assert not torch.allclose(
+            model.match(ids, torch.ones_like(ids), patches),
+            model.match(ids, torch.ones_like(ids), recoloured),
+        )
+    assert tiny.patch_embeddings.colour_projection is None and tiny.image_colour_projection is None
+
+
+def test_growing_a_colour_path_keeps_the_trained_scores(tiny: FashionBert) -> None:
+    """`fashionbert train --init CKPT --add-colour`: the grown model scores as the checkpoint did until it
+    trains, whatever the colour histograms say."""
+    grown = grow_colour_path(tiny).eval()
+    assert grown.config.colour_dim == COLOUR_DIM and grown.config.patch_features["colour"] is True
+    assert grown.config.patch_feature_dim == 32 + COLOUR_DIM
+    ids = torch.randint(1000, 2000, (3, 8))
+    mask = torch.ones_like(ids)
+    patches = torch.randn(3, 16, 32)
+    with_colour = torch.cat([patches, torch.rand(3, 16, COLOUR_DIM)], dim=-1)
+    with torch.no_grad():
+        torch.testing.assert_close(grown.encode_image(with_colour), tiny.encode_image(patches))
+        torch.testing.assert_close(grown.encode_text(ids, mask), tiny.encode_text(ids, mask))
+        torch.testing.assert_close(grown.match(ids, mask, with_colour), tiny.match(ids, mask, patches))
+    with pytest.raises(ValueError, match="already"):
+        grow_colour_path(grown)

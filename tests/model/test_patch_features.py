@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,8 @@ import torch.nn.functional as F
 from efficientnet_lite_pytorch import EfficientNet
 from PIL import Image
 
-from model.patch_features import PatchFeatureConfig, PatchFeatureExtractor
+from model.colour import COLOUR_DIM, colour_histograms
+from model.patch_features import FEATURES_VERSION, PatchFeatureConfig, PatchFeatureExtractor
 from model.patches import letterbox, normalize, to_patches
 
 # ImageNet classes a product photo of clothing, shoes or accessories may sensibly get.
@@ -166,6 +169,32 @@ def test_fingerprint_follows_config_and_weight_contents(
     )
 
 
+def test_colour_histograms_follow_the_cnn_features(extractor: PatchFeatureExtractor) -> None:
+    coloured = PatchFeatureExtractor(PatchFeatureConfig(colour=True))
+    assert coloured.feature_dim == extractor.feature_dim + COLOUR_DIM == 1536  # a multiple of 64: PQ64
+    pixels = _random_pixels(2, 256, seed=2)
+    features = coloured.extract_pixels(pixels)
+    np.testing.assert_array_equal(features[..., :1280], extractor.extract_pixels(pixels))
+    np.testing.assert_array_equal(features[..., 1280:], colour_histograms(pixels, 8))
+
+
+def test_colour_changes_the_fingerprint_but_not_that_of_plain_configs(
+    extractor: PatchFeatureExtractor,
+) -> None:
+    coloured = PatchFeatureExtractor(PatchFeatureConfig(colour=True))
+    assert coloured.fingerprint() != extractor.fingerprint()
+    # A plain config hashes as it did before the field existed, so existing caches keep serving it.
+    identity = {
+        "config": {**extractor.config.to_dict(), "weights": None},
+        "weights_sha256": extractor.weights_sha256,
+        "features_version": FEATURES_VERSION,
+    }
+    del identity["config"]["colour"]
+    assert (
+        extractor.fingerprint() == hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    )
+
+
 def test_config_round_trips_and_rejects_nonsense() -> None:
     config = PatchFeatureConfig(mode="per_patch", grid=4, feature_layer="blocks")
     assert PatchFeatureConfig.from_dict(config.to_dict()) == config
@@ -179,4 +208,5 @@ def test_config_round_trips_and_rejects_nonsense() -> None:
     with pytest.raises(ValueError, match="divide"):
         PatchFeatureConfig(image_size=100, grid=8)
     with pytest.raises(ValueError, match="unknown"):
-        PatchFeatureConfig.from_dict({"grid": 8, "colour": "red"})
+        PatchFeatureConfig.from_dict({"grid": 8, "hue": "red"})
+    assert PatchFeatureConfig.from_dict({"grid": 8}).colour is False  # configs saved before colour existed

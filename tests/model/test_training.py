@@ -19,9 +19,14 @@ from model.training import TrainConfig, Trainer, build_model, draw_mined_negativ
 def tiny_trainer(hm_slice, out, **overrides) -> Trainer:
     torch.manual_seed(0)
     catalogue, features = hm_slice
-    patch_config = PatchFeatureConfig()
+    patch_config = PatchFeatureConfig(colour=True)  # hm_slice's
     config = FashionBertConfig(
-        bert=dict(TINY_BERT), patch_features=patch_config.to_dict(), embed_dim=32, max_text_len=48
+        bert=dict(TINY_BERT),
+        patch_feature_dim=patch_config.feature_dim,
+        colour_dim=patch_config.colour_dim,
+        patch_features=patch_config.to_dict(),
+        embed_dim=32,
+        max_text_len=48,
     )
     model, tokenizer = build_model(config, pretrained=False)
     train_config = TrainConfig(
