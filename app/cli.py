@@ -43,6 +43,16 @@ def _add_model_shape(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--patch-mode", choices=["whole", "per_patch"], default="whole")
     p.add_argument("--grid", type=int, default=8, help="patches per side (default: %(default)s)")
+    _add_colour(p)
+
+
+def _add_colour(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-colour",
+        dest="colour",
+        action="store_false",
+        help="patch features without the colour histograms (model/colour.py) appended",
+    )
 
 
 def _add_split(p: argparse.ArgumentParser) -> None:
@@ -66,7 +76,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     from model.patch_features import PatchFeatureConfig, PatchFeatureExtractor
 
     catalogue = load_catalogue(args.data, limit=args.limit)
-    extractor = PatchFeatureExtractor(PatchFeatureConfig(mode=args.mode, grid=args.grid))
+    extractor = PatchFeatureExtractor(PatchFeatureConfig(mode=args.mode, grid=args.grid, colour=args.colour))
     kept, features = FeatureCache(args.cache, extractor).features_for(catalogue, batch_size=args.batch_size)
     print(f"{len(kept)} items with features {tuple(features.shape)}; {len(catalogue) - len(kept)} skipped")
     return 0
@@ -76,10 +86,11 @@ def _model_and_patch_config(args: argparse.Namespace):
     from model.config import TINY_BERT, FashionBertConfig
     from model.patch_features import PatchFeatureConfig
 
-    patch_config = PatchFeatureConfig(mode=args.patch_mode, grid=args.grid)
+    patch_config = PatchFeatureConfig(mode=args.patch_mode, grid=args.grid, colour=args.colour)
     config = FashionBertConfig(
         text_model=args.text_model,
         patch_feature_dim=patch_config.feature_dim,
+        colour_dim=patch_config.colour_dim,
         num_patches=patch_config.num_patches,
         patch_features=patch_config.to_dict(),
         max_text_len=args.max_text_len,
@@ -126,12 +137,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         raise SystemExit(f"error: {error}") from error
+    if args.add_colour and not args.init:
+        raise SystemExit("error: --add-colour grows a trained checkpoint: it needs --init")
     torch.manual_seed(args.seed)
     if args.init:  # fine-tune a trained checkpoint: its model shape and patch features, not the flags'
         from model.checkpoint import load_checkpoint
         from model.patch_features import PatchFeatureConfig
 
         model, tokenizer = load_checkpoint(args.init)
+        if args.add_colour:
+            from model.training import grow_colour_path
+
+            model = grow_colour_path(model)
         config = model.config
         patch_config = PatchFeatureConfig.from_dict(config.patch_features)
     else:
@@ -156,6 +173,48 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"training on {len(train)} items, validating on {len(validation)} (disjoint by product group)")
     final = trainer.fit()
     print(f"done: {trainer.step} steps; best checkpoint in {args.out}/best; validation {final}")
+    return 0
+
+
+def cmd_fit_image_tower(args: argparse.Namespace) -> int:
+    import time
+    from dataclasses import asdict
+
+    from model.catalogue import load_catalogue
+    from model.checkpoint import load_checkpoint, read_summary, save_checkpoint
+    from model.data import catalogue_features, split_with_features
+    from model.evaluation import text_codes
+    from model.inference import FashionBertInference
+    from model.patch_features import PatchFeatureConfig
+    from model.tower_fit import TowerFitConfig, fit_image_tower
+    from model.training import grow_colour_path
+
+    started = time.monotonic()
+    model, tokenizer = load_checkpoint(args.model)
+    if args.add_colour:
+        model = grow_colour_path(model)
+    patch_config = PatchFeatureConfig.from_dict(model.config.patch_features)
+    kept, features = catalogue_features(load_catalogue(args.data, limit=args.limit), args.cache, patch_config)
+    (train, train_features), _ = split_with_features(kept, features, args.val_fraction, seed=args.split_seed)
+    inference = FashionBertInference(model, tokenizer, device="cpu")
+    texts = inference.encode_texts([item.text for item in train.items])  # the locked text tower's
+    config = TowerFitConfig(
+        steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed
+    )
+    losses = fit_image_tower(inference.model, texts, train_features, text_codes(train), config)
+    summary = {
+        **read_summary(args.model),
+        "image_tower_fit": {
+            "from": str(args.model),
+            "config": asdict(config),
+            "train_items": len(train),
+            "data_fingerprint": kept.fingerprint(),
+            "final_loss": losses[-1],
+            "wall_time_s": time.monotonic() - started,
+        },
+    }
+    save_checkpoint(inference.model.eval(), tokenizer, args.out, summary)
+    print(f"image tower fitted on {len(train)} items in {len(losses)} steps; checkpoint in {args.out}")
     return 0
 
 
@@ -472,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache(p)
     p.add_argument("--mode", choices=["whole", "per_patch"], default="whole")
     p.add_argument("--grid", type=int, default=8, help="patches per side (default: %(default)s)")
+    _add_colour(p)
     p.add_argument("--batch-size", type=int, default=32)
 
     p = add(
@@ -526,6 +586,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--init", default=None, help="start from this checkpoint's weights (fine-tuning), not the BERT alone"
     )
     p.add_argument(
+        "--add-colour",
+        action="store_true",
+        help="with --init, grow the checkpoint colour paths (zero-initialised) and read colour histograms",
+    )
+    p.add_argument(
         "--validation-negatives", type=int, default=10, help="negatives per query of the quick validation"
     )
     p.add_argument(
@@ -543,6 +608,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--fp32", action="store_true", help="disable bf16 autocast")
+
+    p = add(
+        "fit-image-tower",
+        cmd_fit_image_tower,
+        "refit a checkpoint's image tower to its locked text tower (model/tower_fit.py)",
+    )
+    p.add_argument("--model", required=True, help="checkpoint folder (e.g. RUN/best)")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    _add_data(p)
+    _add_cache(p)
+    _add_split(p)
+    p.add_argument(
+        "--add-colour",
+        action="store_true",
+        help="grow the checkpoint colour paths first: the fitted tower reads colour histograms",
+    )
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
 
     p = add(
         "eval", cmd_eval, "evaluate a checkpoint: the paper's sampled protocol and full-gallery retrieval"

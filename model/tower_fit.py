@@ -1,0 +1,96 @@
+"""Fit a fresh image tower to the locked text tower: how a trained model learns to read colour.
+
+The joint fine-tune moves both towers with batches of 24 and a shared encoder, and it taught a newly grown
+colour path nothing that showed (gallery R@1 fell 2-3 points in 300 steps). With the text tower locked
+(LiT, Zhai et al. 2022, locks the other side) its embeddings of the train split are computed once, and
+the image tower, which reads only the pooled patch features, is refitted from scratch with the symmetric
+InfoNCE loss at batches of 256: about a minute on CPU, and the cross-encoder, text tower and encoder stay
+exactly as trained. On H&M it adds nothing without colour and about 5 points of gallery R@1 with it
+(README, "Colour histograms").
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.fashionbert import FashionBert, colour_path
+
+
+@dataclass(frozen=True)
+class TowerFitConfig:
+    steps: int = 600
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 20
+    seed: int = 0
+    bf16: bool = True
+
+
+def reset_image_tower(model: FashionBert) -> list[nn.Parameter]:
+    """Re-initialise the image tower (CNN path and colour path) and return its parameters."""
+    for layer in model.image_projection.modules():
+        if hasattr(layer, "reset_parameters"):
+            layer.reset_parameters()
+    if model.image_colour_projection is not None:
+        model.image_colour_projection = colour_path(model.config.colour_dim, model.config.embed_dim)
+    tower = [model.image_projection, model.image_colour_projection]
+    return [p for module in tower if module is not None for p in module.parameters()]
+
+
+def fit_image_tower(
+    model: FashionBert,
+    text_embeddings: np.ndarray,
+    patch_features: np.ndarray,
+    text_codes: np.ndarray,
+    config: TowerFitConfig = TowerFitConfig(),
+    log_every: int = 100,
+) -> list[float]:
+    """Refit `model`'s image tower in place so that item i's image embedding finds `text_embeddings[i]`.
+
+    text_embeddings: (n, E) the locked text tower's; patch_features: (n, N, D) the items' patch grids;
+    text_codes: (n,) equal codes for identical texts, which count as each other's partners. Returns the loss
+    of every step. Nothing but the image tower changes.
+    """
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    params = reset_image_tower(model)
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    # One pooled vector per image: the image tower reads the mean of the grid (FashionBert.encode_image).
+    pooled = torch.from_numpy(patch_features.astype(np.float32).mean(1, keepdims=True))  # (n, 1, D)
+    texts = torch.from_numpy(np.ascontiguousarray(text_embeddings, dtype=np.float32))
+    codes = torch.from_numpy(np.asarray(text_codes))
+    scale = model.logit_scale.detach().exp().clamp(max=100)  # the temperature the towers trained at
+    device_type = next(model.parameters()).device.type
+    was_training = model.training
+    model.train()
+    losses: list[float] = []
+    started = time.monotonic()
+    for step in range(config.steps):
+        warmup = min(1.0, (step + 1) / max(1, config.warmup_steps))
+        decay = 0.5 * (1 + math.cos(math.pi * step / config.steps))
+        for group in optimizer.param_groups:
+            group["lr"] = config.learning_rate * warmup * decay
+        batch = torch.randperm(len(pooled), generator=generator)[: config.batch_size]
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.bf16):
+            images = model.encode_image(pooled[batch])  # (B, E), normalised
+        logits = scale * texts[batch] @ images.float().T  # (B, B)
+        same = (codes[batch][:, None] == codes[batch][None, :]).float()
+        targets = same / same.sum(1, keepdim=True)  # identical texts share the probability
+        loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if log_every and (step % log_every == 0 or step + 1 == config.steps):
+            print(f"image tower fit: step {step} loss {losses[-1]:.3f} ({time.monotonic() - started:.0f} s)")
+    model.train(was_training)
+    model.zero_grad(set_to_none=True)
+    return losses
