@@ -1,6 +1,7 @@
 """Is the image tower what holds recall back? Re-fit it against the fixed text tower and compare.
 
     python benchmarks/image_tower_refit.py --model runs/hm-listwise/best --data hm:../shared/data/hm
+    python benchmarks/image_tower_refit.py ... --colour --towers mean,colour --seeds 0,1
 
 The text tower's embeddings of the train split are computed once and held fixed; a fresh image tower is
 fitted to them with the symmetric InfoNCE loss (items with identical text count as positives of each
@@ -9,7 +10,9 @@ queries). Two towers: the model's own design (mean of the patch grid, then an ML
 over the 64 patches (a learned query over the projected patches plus their position, added to the mean
 path), which can weigh the garment over the background. Fitting costs seconds, not a training run, since
 the text tower does not move. Equal figures say the frozen patch network's features, not the pooling,
-bound recall.
+bound recall. `--colour` adds a third tower: the mean path plus the model's colour path (model/colour.py)
+on the image's colour histogram, read from the colour extractor's cache (`fashionbert features --data
+SPEC` fills it); the other towers see the same CNN features as before.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import copy
 import math
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -26,8 +30,10 @@ from rerank_fusion import load_split
 from torch import nn
 
 from model.evaluation import _embedding_search, draw_queries, text_codes
+from model.fashionbert import colour_path
 from model.inference import FashionBertInference
 from model.metrics import recall_at_k
+from model.patch_features import PatchFeatureConfig
 
 
 class MeanPoolTower(nn.Module):
@@ -40,9 +46,25 @@ class MeanPoolTower(nn.Module):
         for layer in self.mlp.modules():
             if hasattr(layer, "reset_parameters"):
                 layer.reset_parameters()
+        self.cnn_dim = self.mlp[0].normalized_shape[0]  # patches may carry colour histograms after these
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.mlp(patches.mean(1)), dim=-1)
+        return F.normalize(self.embed(patches.mean(1)), dim=-1)
+
+    def embed(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.mlp(pooled[:, : self.cnn_dim])
+
+
+class ColourTower(MeanPoolTower):
+    """The mean path plus a colour path on the image's colour histogram (`FashionBert.encode_image` of a model
+    that reads colour), both fitted here."""
+
+    def __init__(self, image_projection: nn.Module, colour_dim: int):
+        super().__init__(image_projection)
+        self.colour = colour_path(colour_dim, self.mlp[-1].out_features)
+
+    def embed(self, pooled: torch.Tensor) -> torch.Tensor:
+        return super().embed(pooled) + self.colour(pooled[:, self.cnn_dim :])
 
 
 class AttentionPoolTower(nn.Module):
@@ -58,6 +80,7 @@ class AttentionPoolTower(nn.Module):
         self.out = nn.Sequential(nn.GELU(), nn.Linear(hidden, embed_dim))
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        patches = patches[..., : self.patch_projection[0].normalized_shape[0]]
         keys = self.patch_projection(patches) + self.position  # (B, N, H)
         attended, _ = self.attention(self.query.expand(len(patches), -1, -1), keys, keys)  # (B, 1, H)
         return F.normalize(self.out(attended.squeeze(1) + self.mean_projection(patches.mean(1))), dim=-1)
@@ -109,13 +132,23 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--scale", type=float, default=25.0, help="InfoNCE logit scale (the model's is 24.9)")
     parser.add_argument("--queries", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds", default="0", help="comma-separated seeds: each tower is fitted once per seed"
+    )
+    parser.add_argument(
+        "--towers", default="mean,attention", help="comma-separated subset of mean, attention, colour"
+    )
+    parser.add_argument(
+        "--colour", action="store_true", help="read colour histograms too (needed by the colour tower)"
+    )
     args = parser.parse_args()
-    torch.manual_seed(args.seed)
 
     inference = FashionBertInference.from_checkpoint(args.model, device="cpu")
+    patch_config = PatchFeatureConfig.from_dict(inference.config.patch_features)
+    if args.colour:
+        patch_config = replace(patch_config, colour=True)
     (train, train_patches), (val, val_patches) = (
-        load_split(args.data, inference, part) for part in ("train", "validation")
+        load_split(args.data, inference, part, patch_config=patch_config) for part in ("train", "validation")
     )
     train_texts = torch.from_numpy(inference.encode_texts([i.text for i in train.items]))
     val_texts = inference.encode_texts([i.text for i in val.items])
@@ -130,19 +163,32 @@ def main() -> None:
             cells.append(f"{direction} R@1 {recalls['R@1']:.1f} R@10 {recalls['R@10']:.1f}")
         return ", ".join(cells)
 
-    config = inference.model.config
-    hidden, embed_dim = inference.model.bert.config.hidden_size, config.embed_dim
-    print(f"the model's own image tower: {gallery(inference.encode_images(val_patches))}", flush=True)
+    model, config = inference.model, inference.model.config
+    hidden, embed_dim = model.bert.config.hidden_size, config.embed_dim
+    own = val_patches[..., : config.patch_feature_dim]  # the features the model reads
+    print(f"the model's own image tower: {gallery(inference.encode_images(own))}", flush=True)
     towers = {
-        "mean pool, re-fitted": MeanPoolTower(inference.model.image_projection).float(),
-        "attention pool, fitted": AttentionPoolTower(
-            config.patch_feature_dim, hidden, embed_dim, config.num_patches
+        "mean": ("mean pool, re-fitted", lambda: MeanPoolTower(model.image_projection)),
+        "attention": (
+            "attention pool, fitted",
+            lambda: AttentionPoolTower(config.cnn_feature_dim, hidden, embed_dim, config.num_patches),
+        ),
+        "colour": (
+            "mean pool + colour histogram, fitted",
+            lambda: ColourTower(model.image_projection, patch_config.colour_dim),
         ),
     }
-    for name, tower in towers.items():
-        print(f"{name}:", flush=True)
-        fit(tower, train_patches, train_texts, text_codes(train), args)
-        print(f"{name}: {gallery(embed(tower, val_patches))}", flush=True)
+    for key in args.towers.split(","):
+        name, build = towers[key]
+        if key == "colour" and not args.colour:
+            raise SystemExit("error: the colour tower needs --colour")
+        for seed in (int(seed) for seed in args.seeds.split(",")):
+            torch.manual_seed(seed)
+            args.seed = seed
+            tower = build().float()
+            print(f"{name}, seed {seed}:", flush=True)
+            fit(tower, train_patches, train_texts, text_codes(train), args)
+            print(f"{name}, seed {seed}: {gallery(embed(tower, val_patches))}", flush=True)
 
 
 if __name__ == "__main__":

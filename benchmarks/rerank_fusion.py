@@ -35,11 +35,16 @@ from model.patch_features import PatchFeatureConfig
 
 
 def load_split(
-    spec: str, inference: FashionBertInference, part: str, limit: int | None = None
+    spec: str,
+    inference: FashionBertInference,
+    part: str,
+    limit: int | None = None,
+    patch_config: PatchFeatureConfig | None = None,
 ) -> tuple[Catalogue, np.ndarray]:
     """The validation split `fashionbert eval` measures on (its default fraction and seed), or the train
-    split the model was fitted on (does the head rank what it was trained on?)."""
-    patch_config = PatchFeatureConfig.from_dict(inference.config.patch_features)
+    split the model was fitted on (does the head rank what it was trained on?); with the model's patch
+    features unless `patch_config` names others."""
+    patch_config = patch_config or PatchFeatureConfig.from_dict(inference.config.patch_features)
     kept, features = catalogue_features(load_catalogue(spec, limit=limit), DEFAULT_CACHE, patch_config)
     train, validation = split_with_features(kept, features, 0.1, seed=0)
     return train if part == "train" else validation
