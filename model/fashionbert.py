@@ -24,7 +24,8 @@ TEXT_SEGMENT, IMAGE_SEGMENT = 0, 1
 
 def colour_path(in_dim: int, out_dim: int) -> nn.Module | None:
     """Colour histograms -> a term added to the CNN path's output; None without colour. Its last layer starts
-    at zero, so a trained model grown a colour path (`with_colour`) computes what it did before."""
+    at zero, so a trained model grown colour paths (`model.training.grow_colour_path`) computes what it did
+    before."""
     if in_dim == 0:
         return None
     path = nn.Sequential(

@@ -40,7 +40,10 @@ def reset_image_tower(model: FashionBert) -> list[nn.Parameter]:
         if hasattr(layer, "reset_parameters"):
             layer.reset_parameters()
     if model.image_colour_projection is not None:
-        model.image_colour_projection = colour_path(model.config.colour_dim, model.config.embed_dim)
+        device = model.image_projection[0].weight.device
+        model.image_colour_projection = colour_path(model.config.colour_dim, model.config.embed_dim).to(
+            device
+        )
     tower = [model.image_projection, model.image_colour_projection]
     return [p for module in tower if module is not None for p in module.parameters()]
 
@@ -64,11 +67,13 @@ def fit_image_tower(
     params = reset_image_tower(model)
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     # One pooled vector per image: the image tower reads the mean of the grid (FashionBert.encode_image).
-    pooled = torch.from_numpy(patch_features.astype(np.float32).mean(1, keepdims=True))  # (n, 1, D)
-    texts = torch.from_numpy(np.ascontiguousarray(text_embeddings, dtype=np.float32))
-    codes = torch.from_numpy(np.asarray(text_codes))
+    device = model.logit_scale.device
+    pooled = torch.from_numpy(patch_features.astype(np.float32).mean(1, keepdims=True)).to(
+        device
+    )  # (n, 1, D)
+    texts = torch.from_numpy(np.ascontiguousarray(text_embeddings, dtype=np.float32)).to(device)
+    codes = torch.from_numpy(np.asarray(text_codes)).to(device)
     scale = model.logit_scale.detach().exp().clamp(max=100)  # the temperature the towers trained at
-    device_type = next(model.parameters()).device.type
     was_training = model.training
     model.train()
     losses: list[float] = []
@@ -78,8 +83,8 @@ def fit_image_tower(
         decay = 0.5 * (1 + math.cos(math.pi * step / config.steps))
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate * warmup * decay
-        batch = torch.randperm(len(pooled), generator=generator)[: config.batch_size]
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.bf16):
+        batch = torch.randperm(len(pooled), generator=generator)[: config.batch_size].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
             images = model.encode_image(pooled[batch])  # (B, E), normalised
         logits = scale * texts[batch] @ images.float().T  # (B, B)
         same = (codes[batch][:, None] == codes[batch][None, :]).float()
