@@ -37,6 +37,9 @@ cleanup() {
     fi
     compose --profile train down --volumes --remove-orphans >/dev/null 2>&1 || true
     if [ -n "$started_daemon" ]; then
+        # Each build re-tags fashionbert-search:smoke and leaves the previous image and its build stage
+        # untagged (about 3 GB a run): on the daemon this script started, drop the dangling ones.
+        "$DOCKER" image prune -f >/dev/null 2>&1 || true
         log "stopping the Docker daemon"
         kill "$started_daemon" 2>/dev/null || true
         for _ in $(seq 60); do kill -0 "$started_daemon" 2>/dev/null || break; sleep 0.5; done
