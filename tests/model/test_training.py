@@ -19,14 +19,8 @@ from model.training import TrainConfig, Trainer, build_model, draw_mined_negativ
 def tiny_trainer(hm_slice, out, **overrides) -> Trainer:
     torch.manual_seed(0)
     catalogue, features = hm_slice
-    patch_config = PatchFeatureConfig(colour=True)  # hm_slice's
-    config = FashionBertConfig(
-        bert=dict(TINY_BERT),
-        patch_feature_dim=patch_config.feature_dim,
-        colour_dim=patch_config.colour_dim,
-        patch_features=patch_config.to_dict(),
-        embed_dim=32,
-        max_text_len=48,
+    config = FashionBertConfig(bert=dict(TINY_BERT), embed_dim=32, max_text_len=48).with_patch_features(
+        PatchFeatureConfig(colour=True)  # hm_slice's
     )
     model, tokenizer = build_model(config, pretrained=False)
     train_config = TrainConfig(
