@@ -20,7 +20,6 @@ Every `eval_every` steps, on validation items it prints:
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import numpy as np
@@ -33,7 +32,7 @@ from model.checkpoint import save_checkpoint
 from model.evaluation import text_codes
 from model.inference import FashionBertInference
 from model.losses import contrastive_loss
-from model.training import mine_neighbours
+from model.training import mine_neighbours, warmup_cosine
 
 WEIGHTS = (0.0, 2.5, 5.0, 10.0, 20.0, 40.0)
 
@@ -135,7 +134,7 @@ class HeadLearning:
         base_lrs = [group["lr"] for group in optimizer.param_groups]
         started = time.monotonic()
         for step in range(args.steps):
-            factor = min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+            factor = warmup_cosine(step, 20, args.steps)
             for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = base * factor
             hard = step >= args.random_steps

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
-import time
 from dataclasses import replace
 
 import numpy as np
@@ -34,6 +32,7 @@ from model.fashionbert import colour_path
 from model.inference import FashionBertInference
 from model.metrics import recall_at_k
 from model.patch_features import PatchFeatureConfig
+from model.tower_fit import TowerFitConfig, fit_tower
 
 
 class MeanPoolTower(nn.Module):
@@ -89,25 +88,11 @@ class AttentionPoolTower(nn.Module):
 def fit(
     tower: nn.Module, patches: np.ndarray, texts: torch.Tensor, codes: np.ndarray, args: argparse.Namespace
 ) -> None:
-    optimizer = torch.optim.AdamW(tower.parameters(), lr=args.lr, weight_decay=0.05)
-    generator = torch.Generator().manual_seed(args.seed)
-    started = time.monotonic()
-    for step in range(args.steps):
-        factor = min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-        for group in optimizer.param_groups:
-            group["lr"] = args.lr * factor
-        batch = torch.randperm(len(patches), generator=generator)[: args.batch_size].numpy()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            images = tower(torch.from_numpy(patches[batch].astype(np.float32)))
-        logits = args.scale * texts[batch] @ images.float().T  # (B, B)
-        same = torch.from_numpy(codes[batch][:, None] == codes[batch][None, :]).float()
-        targets = same / same.sum(1, keepdim=True)  # identical texts share the probability
-        loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % 200 == 0 or step + 1 == args.steps:
-            print(f"  step {step} loss {loss.item():.3f} ({time.monotonic() - started:.0f} s)", flush=True)
+    config = TowerFitConfig(
+        steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed
+    )
+    codes_t = torch.from_numpy(codes)
+    fit_tower(tower, tower.parameters(), torch.from_numpy(patches), texts, codes_t, args.scale, config, 200)
 
 
 @torch.no_grad()

@@ -4,15 +4,15 @@ The joint fine-tune moves both towers with batches of 24 and a shared encoder, a
 colour path nothing that showed (gallery R@1 fell 2-3 points in 300 steps). With the text tower locked
 (LiT, Zhai et al. 2022, locks the other side) its embeddings of the train split are computed once, and
 the image tower, which reads only the pooled patch features, is refitted from scratch with the symmetric
-InfoNCE loss at batches of 256: about a minute on CPU, and the cross-encoder, text tower and encoder stay
+InfoNCE loss at batches of 256 (`fit_tower`): about a minute on CPU, and the cross-encoder, text tower and encoder stay
 exactly as trained. On H&M it adds nothing without colour and about 5 points of gallery R@1 with it
 (README, "Colour histograms").
 """
 
 from __future__ import annotations
 
-import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.fashionbert import FashionBert, colour_path
+from model.training import warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -62,31 +63,53 @@ def fit_image_tower(
     text_codes: (n,) equal codes for identical texts, which count as each other's partners. Returns the loss
     of every step. Nothing but the image tower changes.
     """
-    generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     params = reset_image_tower(model)
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    # One pooled vector per image: the image tower reads the mean of the grid (FashionBert.encode_image).
     device = model.logit_scale.device
-    pooled = torch.from_numpy(patch_features.astype(np.float32).mean(1, keepdims=True)).to(
-        device
-    )  # (n, 1, D)
-    texts = torch.from_numpy(np.ascontiguousarray(text_embeddings, dtype=np.float32)).to(device)
-    codes = torch.from_numpy(np.asarray(text_codes)).to(device)
+    # One pooled vector per image: the image tower reads the mean of the grid (FashionBert.encode_image).
+    pooled = torch.from_numpy(patch_features.astype(np.float32).mean(1, keepdims=True))  # (n, 1, D)
     scale = model.logit_scale.detach().exp().clamp(max=100)  # the temperature the towers trained at
     was_training = model.training
     model.train()
+    losses = fit_tower(
+        model.encode_image,
+        params,
+        pooled.to(device),
+        torch.from_numpy(np.ascontiguousarray(text_embeddings, dtype=np.float32)).to(device),
+        torch.from_numpy(np.asarray(text_codes)).to(device),
+        scale,
+        config,
+        log_every,
+    )
+    model.train(was_training)
+    model.zero_grad(set_to_none=True)
+    return losses
+
+
+def fit_tower(
+    tower: Callable[[torch.Tensor], torch.Tensor],
+    params: Iterable[nn.Parameter],
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    codes: torch.Tensor,
+    scale: float | torch.Tensor,
+    config: TowerFitConfig,
+    log_every: int = 100,
+) -> list[float]:
+    """Train `params` so that `tower(images[i])` (L2-normalised embeddings) finds `texts[i]`: symmetric
+    InfoNCE at `scale`, items with equal `codes` sharing the probability. `images` may be float16 (read a
+    batch at a time). Returns the loss of every step. Also serves `benchmarks/image_tower_refit.py`'s towers."""
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     losses: list[float] = []
     started = time.monotonic()
     for step in range(config.steps):
-        warmup = min(1.0, (step + 1) / max(1, config.warmup_steps))
-        decay = 0.5 * (1 + math.cos(math.pi * step / config.steps))
         for group in optimizer.param_groups:
-            group["lr"] = config.learning_rate * warmup * decay
-        batch = torch.randperm(len(pooled), generator=generator)[: config.batch_size].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            images = model.encode_image(pooled[batch])  # (B, E), normalised
-        logits = scale * texts[batch] @ images.float().T  # (B, B)
+            group["lr"] = config.learning_rate * warmup_cosine(step, config.warmup_steps, config.steps)
+        batch = torch.randperm(len(images), generator=generator)[: config.batch_size].to(texts.device)
+        with torch.autocast(texts.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            embedded = tower(images[batch].float())  # (B, E), normalised
+        logits = scale * texts[batch] @ embedded.float().T  # (B, B)
         same = (codes[batch][:, None] == codes[batch][None, :]).float()
         targets = same / same.sum(1, keepdim=True)  # identical texts share the probability
         loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
@@ -95,7 +118,6 @@ def fit_image_tower(
         optimizer.step()
         losses.append(loss.item())
         if log_every and (step % log_every == 0 or step + 1 == config.steps):
-            print(f"image tower fit: step {step} loss {losses[-1]:.3f} ({time.monotonic() - started:.0f} s)")
-    model.train(was_training)
-    model.zero_grad(set_to_none=True)
+            elapsed = time.monotonic() - started
+            print(f"tower fit: step {step} loss {losses[-1]:.3f} ({elapsed:.0f} s)", flush=True)
     return losses

@@ -396,9 +396,7 @@ class Trainer:
         self.mined_at = self.step
 
     def _set_learning_rate(self) -> float:
-        warmup = min(1.0, (self.step + 1) / max(1, self.config.warmup_steps))
-        progress = min(1.0, self.step / max(1, self.total_steps))
-        factor = warmup * 0.5 * (1 + math.cos(math.pi * progress))  # linear warm-up, cosine decay
+        factor = warmup_cosine(self.step, self.config.warmup_steps, self.total_steps)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = base * factor
         return factor
@@ -597,6 +595,13 @@ def plot_training(log_path: Path, out: Path) -> None:
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(out)
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate factor at `step`: linear warm-up over `warmup_steps`, cosine decay to 0 at `total_steps`."""
+    warmup = min(1.0, (step + 1) / max(1, warmup_steps))
+    progress = min(1.0, step / max(1, total_steps))
+    return warmup * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def build_model(
