@@ -220,6 +220,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from model.evaluation import EvalConfig, evaluate, format_table
     from model.inference import FashionBertInference
     from model.patch_features import PatchFeatureConfig
+    from model.querybank import QueryBank, bank_rows
 
     if args.no_sampled and args.no_gallery:
         raise SystemExit("error: --no-sampled and --no-gallery leave nothing to evaluate")
@@ -230,14 +231,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     patch_config = PatchFeatureConfig.from_dict(inference.config.patch_features)
     catalogue = load_catalogue(args.data, limit=args.limit)
     kept, features = catalogue_features(catalogue, args.cache, patch_config)
+    querybank = None
     if args.split != "all":
         train, validation = split_with_features(kept, features, args.val_fraction, seed=args.split_seed)
         kept, features = validation if args.split == "validation" else train
+        # The bank an index build would pick from this catalogue: the train part, never the queries'.
+        if args.split == "validation" and not args.no_querybank and not args.no_gallery:
+            (bank_part, bank_features), groups = train, [item.group for item in train[0].items]
+            rows = bank_rows(groups, args.val_fraction, args.split_seed, size=args.querybank_items)
+            querybank = QueryBank.encode(
+                inference,
+                bank_part.subset([bank_part.items[i] for i in rows]),
+                bank_features[rows],
+                inference.tower_logit_scale,
+            )
     config = EvalConfig(
         num_queries=args.queries, num_negatives=args.negatives, seed=args.seed, recall_k=args.recall_k
     )
     report = evaluate(
-        inference, kept, features, config, gallery=not args.no_gallery, sampled=not args.no_sampled
+        inference,
+        kept,
+        features,
+        config,
+        gallery=not args.no_gallery,
+        sampled=not args.no_sampled,
+        querybank=querybank,
     )
     print(format_table(report))
     if args.report:
@@ -385,6 +403,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         patch_codec=args.patch_codec,
         batch_size=args.batch_size,
         use_gpu=not args.no_gpu,
+        querybank=not args.no_querybank,
     )
     inference, catalogues, features = _index_inputs(args)
     _print_job(build_bundle(inference, catalogues, features, args.out, config), "built")
@@ -484,6 +503,11 @@ def _add_index_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patch-codec", default="PQ64", help="faiss codec of the re-rank patch features")
     p.add_argument("--batch-size", type=int, default=128, help="items per model batch")
     p.add_argument("--no-gpu", action="store_true", help="train and add on the CPU even with faiss-gpu")
+    p.add_argument(
+        "--no-querybank",
+        action="store_true",
+        help="recall by plain inner product (default: querybank-normalised, see the README's Index section)",
+    )
 
     p = add("add", cmd_index_add, "add new items to a bundle with its trained quantizers (no retraining)")
     p.add_argument("bundle", help="bundle folder")
@@ -637,6 +661,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--recall-k", type=int, default=100, help="gallery candidates re-ranked by the cross-encoder"
     )
     p.add_argument("--no-gallery", action="store_true", help="only the sampled protocol")
+    p.add_argument(
+        "--no-querybank",
+        action="store_true",
+        help="gallery recall by plain cosine (default: querybank-normalised against the train part, as "
+        "bundles serve it)",
+    )
+    p.add_argument("--querybank-items", type=int, default=20_000, help="bank size cap, as in index builds")
     p.add_argument("--no-sampled", action="store_true", help="only full-gallery retrieval")
     p.add_argument(
         "--int8-matching",

@@ -143,7 +143,7 @@ def main() -> None:
     def gallery(images: np.ndarray) -> str:
         cells = []
         for direction, (asked, searched) in (("i2t", (images, val_texts)), ("t2i", (val_texts, images))):
-            ranks, _ = _embedding_search(asked[queries], searched, codes[queries], codes, 10)
+            ranks, *_ = _embedding_search(asked[queries], searched, codes[queries], codes, 10)
             recalls = recall_at_k(ranks, (1, 10))
             cells.append(f"{direction} R@1 {recalls['R@1']:.1f} R@10 {recalls['R@10']:.1f}")
         return ", ".join(cells)

@@ -1,4 +1,4 @@
-"""Would querybank normalisation of the towers' scores raise gallery recall? (Not in the service yet.)
+"""How much does querybank normalisation of the towers' scores raise gallery recall, for which beta?
 
     python benchmarks/querybank_norm.py --model runs/hm-listwise/best --data hm:../shared/data/hm
 
@@ -8,16 +8,17 @@ strongly a bank of other queries already pulls each gallery item:
 
     score(q, g) = cos(q, g) - logsumexp_b(beta x cos(b, g)) / beta
 
-a per-item offset, so an index could store it beside each vector. The bank here is the *train* split's
-texts (for text-to-image) or images (for image-to-text), disjoint from the validation queries and gallery,
-so nothing about the queries leaks into the offsets. Prints gallery R@1/5/10 of the 1,000 `fashionbert
-eval` queries for a range of beta (0 = plain cosine, the figure `fashionbert eval` reports; the model's own
-contrastive temperature is the untuned choice).
+a per-item offset (`model.querybank`), which bundles store and the service subtracts. The bank here is the
+*train* split's texts (for text-to-image) or images (for image-to-text), disjoint from the validation
+queries and gallery, so nothing about the queries leaks into the offsets. Prints gallery R@1/5/10 of the
+1,000 `fashionbert eval` queries for a range of beta (0 = plain cosine; the model's own contrastive
+temperature is the untuned choice that bundles and `fashionbert eval` use).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import numpy as np
 from rerank_fusion import load_split
@@ -25,15 +26,7 @@ from rerank_fusion import load_split
 from model.evaluation import _embedding_search, draw_queries, text_codes
 from model.inference import FashionBertInference
 from model.metrics import recall_at_k
-
-
-def querybank_offsets(bank: np.ndarray, gallery: np.ndarray, beta: float) -> np.ndarray:
-    """(n,) logsumexp_b(beta x bank_b . gallery_g) / beta for each gallery row g; zeros at beta = 0."""
-    if beta == 0:
-        return np.zeros(len(gallery), np.float32)
-    scores = beta * (bank @ gallery.T)  # (bank, n)
-    peak = scores.max(0)
-    return (peak + np.log(np.exp(scores - peak).sum(0))) / beta
+from model.querybank import QueryBank, group_hashes
 
 
 def main() -> None:
@@ -48,28 +41,26 @@ def main() -> None:
     (train, train_patches), (val, val_patches) = (
         load_split(args.data, inference, part) for part in ("train", "validation")
     )
-    bank = {
-        "text": inference.encode_texts([item.text for item in train.items]),
-        "image": inference.encode_images(train_patches),
-    }
     gallery = {
         "text": inference.encode_texts([item.text for item in val.items]),
         "image": inference.encode_images(val_patches),
     }
+    groups = group_hashes([item.group for item in val.items])
     codes = text_codes(val)
     queries = draw_queries(len(val), args.queries, np.random.default_rng(0))  # fashionbert eval's queries
     own_scale = float(inference.model.logit_scale.detach().exp())
     betas = sorted({float(b) for b in args.betas.split(",")} | {round(own_scale, 1)})
     print(f"{len(val)} gallery items, {len(queries)} queries, bank of {len(train)} train items")
     print(f"{'beta':>6}  {'i2t R@1/5/10':>18}  {'t2i R@1/5/10':>18}")
+    encoded = QueryBank.encode(inference, train, train_patches, beta=own_scale)
     for beta in betas:
+        bank = None if beta == 0 else dataclasses.replace(encoded, beta=beta)
         cells = []
         for query_side, gallery_side in (("image", "text"), ("text", "image")):
-            offsets = querybank_offsets(bank[query_side], gallery[gallery_side], beta)
-            # The offset as one more dimension: query . [g, -offset] with the query's extra component 1.
-            shifted = np.concatenate([gallery[gallery_side], -offsets[:, None]], axis=1).astype(np.float32)
-            asked = np.concatenate([gallery[query_side][queries], np.ones((len(queries), 1))], axis=1)
-            ranks, _ = _embedding_search(asked.astype(np.float32), shifted, codes[queries], codes, 10)
+            offsets = None if bank is None else bank.offsets(gallery_side, gallery[gallery_side], groups)[0]
+            ranks, *_ = _embedding_search(
+                gallery[query_side][queries], gallery[gallery_side], codes[queries], codes, 10, offsets
+            )
             recalls = recall_at_k(ranks, (1, 5, 10))
             cells.append("/".join(f"{recalls[f'R@{k}']:.1f}" for k in (1, 5, 10)))
         label = f"{beta:g}" + (" (model's)" if beta == round(own_scale, 1) else "")

@@ -100,7 +100,7 @@ def main() -> None:
     print(f"{'dir':<5} {'ranking':<40} {'R@1':>6} {'R@5':>6} {'R@10':>6}")
     for direction in DIRECTIONS:
         query_side, gallery_side = (images, texts) if direction == "i2t" else (texts, images)
-        embedding_ranks, top = _embedding_search(
+        embedding_ranks, top, _ = _embedding_search(
             query_side[queries], gallery_side, codes[queries], codes, args.recall_k
         )
         repeated = np.repeat(queries, top.shape[1])

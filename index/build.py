@@ -12,7 +12,7 @@ import math
 import shutil
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,17 +24,23 @@ from tqdm.auto import tqdm
 
 from index import metadata
 from index.bundle import (
+    BANK_GROUPS,
+    BANK_IMAGES,
+    BANK_TEXTS,
     FORMAT,
     FORMAT_VERSION,
     IMAGE_INDEX,
+    IMAGE_OFFSETS,
     ITEMS_DB,
     MANIFEST,
     PATCH_CODEC,
     PATCH_CODES,
     TEXT_INDEX,
+    TEXT_OFFSETS,
     TOKEN_IDS,
     TOKEN_LENGTHS,
     BundleError,
+    bundle_files,
     check_model,
     file_entries,
     read_manifest,
@@ -48,6 +54,7 @@ from index.search import inverted_lists
 from index.staging import link_or_copy, locked, publish, staging_folder
 from model.catalogue import Catalogue
 from model.patches import pool_grid
+from model.querybank import QueryBank, bank_rows, group_hashes
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +70,7 @@ class Encoder(Protocol):
     # patch_features, bert
     config: Any
     fingerprint: str
+    tower_logit_scale: float  # the towers' contrastive inverse temperature: querybank normalisation's beta
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]: ...
 
@@ -98,6 +106,7 @@ class _Encoded:
     text_embeddings: list[np.ndarray] = field(default_factory=list)
     token_ids: list[np.ndarray] = field(default_factory=list)
     token_lengths: list[np.ndarray] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)
     catalogues: list[dict[str, Any]] = field(default_factory=list)
     rows: int = 0
 
@@ -237,6 +246,7 @@ def _encode(
                     padded[i, : lengths[i]] = ids[:max_len]
                 encoded.token_ids.append(padded)
                 encoded.token_lengths.append(lengths)
+                encoded.groups.extend(item.group for item in kept.items)
                 codes_out.write(encode_patches(job.codec, pool_grid(features, job.pool)).tobytes())
                 t = timed("patch_codes", t)
 
@@ -276,9 +286,64 @@ def _copy_npy_rows(source: Path, out: BinaryIO) -> None:
         out.write(np.ascontiguousarray(array[start : start + 4096]).tobytes())
 
 
+def _write_querybank(
+    folder: Path,
+    beta: float,
+    image_embeddings: np.ndarray,
+    text_embeddings: np.ndarray,
+    groups: Sequence[str],
+    config: IndexConfig,
+) -> dict[str, Any]:
+    """Pick the bank (train part of the split), store it and both indexes' offsets; the manifest section."""
+    hashes = group_hashes(groups)
+    rows = bank_rows(groups, size=config.querybank_items, seed=config.seed)
+    bank = QueryBank(text_embeddings[rows], image_embeddings[rows], hashes[rows], beta)
+    image_offsets, image_centre = bank.offsets("image", image_embeddings, hashes)
+    text_offsets, text_centre = bank.offsets("text", text_embeddings, hashes)
+    for name, array in (
+        (IMAGE_OFFSETS, image_offsets),
+        (TEXT_OFFSETS, text_offsets),
+        (BANK_TEXTS, bank.texts.astype(np.float16)),
+        (BANK_IMAGES, bank.images.astype(np.float16)),
+        (BANK_GROUPS, bank.groups),
+    ):
+        np.save(folder / name, array, allow_pickle=False)
+    return {
+        "beta": beta,
+        "bank_items": len(rows),
+        "held_out": "the split's validation part (val_fraction 0.1, seed 0) is never in the bank",
+        "centres": {"image": image_centre, "text": text_centre},
+    }
+
+
+def _extend_querybank(
+    path: Path,
+    staging: Path,
+    section: Mapping[str, Any],
+    image_embeddings: np.ndarray,
+    text_embeddings: np.ndarray,
+    groups: Sequence[str],
+) -> None:
+    """Offsets of added rows from the bundle's stored bank, centred as the old rows were; the bank is kept."""
+    bank = QueryBank(
+        *(np.load(path / name, allow_pickle=False) for name in (BANK_TEXTS, BANK_IMAGES, BANK_GROUPS)),
+        beta=float(section["beta"]),
+    )
+    hashes = group_hashes(groups)
+    for name, side, vectors in (
+        (IMAGE_OFFSETS, "image", image_embeddings),
+        (TEXT_OFFSETS, "text", text_embeddings),
+    ):
+        new, _ = bank.offsets(side, vectors, hashes, centre=float(section["centres"][side]))
+        old = np.load(path / name, allow_pickle=False)
+        np.save(staging / name, np.concatenate([old, new]), allow_pickle=False)
+    for name in (BANK_TEXTS, BANK_IMAGES, BANK_GROUPS):
+        link_or_copy(path / name, staging / name)
+
+
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     """Checksum every file, then write the manifest: the last file, whose presence marks a whole bundle."""
-    manifest["files"] = file_entries(folder)
+    manifest["files"] = file_entries(folder, bundle_files(manifest))
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -334,6 +399,13 @@ def build_bundle(
         for name, vectors in ((IMAGE_INDEX, image_embeddings), (TEXT_INDEX, text_embeddings)):
             indexes[name], factory, trained_on = build_index(vectors, config)
         report.stages["recall_indexes"] = time.perf_counter() - t
+        querybank = None
+        if config.querybank:
+            t = time.perf_counter()
+            querybank = _write_querybank(
+                staging, encoder.tower_logit_scale, image_embeddings, text_embeddings, encoded.groups, config
+            )
+            report.stages["querybank"] = time.perf_counter() - t
 
         t = time.perf_counter()
         for name, index in indexes.items():
@@ -397,6 +469,8 @@ def build_bundle(
                 }
             ],
         }
+        if querybank is not None:
+            manifest["querybank"] = querybank
         _write_manifest(staging, manifest)
         report.stages["write"] = time.perf_counter() - t
         publish(staging, out)
@@ -470,6 +544,15 @@ def add_to_bundle(
                 )
                 index = add_vectors(index, np.concatenate(vectors), config.use_gpu)
                 faiss.write_index(index, str(staging / name))
+            if "querybank" in manifest:
+                _extend_querybank(
+                    path,
+                    staging,
+                    manifest["querybank"],
+                    np.concatenate(encoded.image_embeddings),
+                    np.concatenate(encoded.text_embeddings),
+                    encoded.groups,
+                )
             report.stages["add_index"] = time.perf_counter() - t
             if (
                 choose_factory(report.rows, manifest["indexes"]["dim"], config)

@@ -8,6 +8,11 @@
                          (pooled, `patches_per_item` in the manifest), memory-mapped
     token_ids.npy        (rows, T) uint16/int32 word-piece ids, right-padded; token_lengths.npy (rows,)
     items.sqlite         metadata, row = faiss id, with the `removed` flag
+    image_offsets.npy    (rows,) float32 querybank offsets of the image index's rows, text_offsets.npy the
+                         same for the text index: recall ranks by inner product minus the offset
+                         (`model.querybank`; bundles without a `querybank` manifest section have none)
+    querybank_texts.npy, querybank_images.npy, querybank_groups.npy   the bank (float16 (B, E) embeddings
+                         and group hashes), so items added later get offsets from the same bank
 
 The manifest is written last and the folder renamed into place only when complete, so a folder with a
 manifest is a whole bundle; `Bundle.open` still checks sizes and checksums before it trusts a byte. Only
@@ -29,7 +34,7 @@ import numpy as np
 
 from index import metadata
 from index.codec import decode_patches
-from index.search import RowFilter, filtered_search, row_filter
+from index.search import RowFilter, filtered_search, normalised_search, row_filter
 from model.files import sha256_file as file_sha256
 
 FORMAT = "fashionbert-index"
@@ -40,10 +45,18 @@ PATCH_CODEC, PATCH_CODES = "patch_codec.faiss", "patch_codes.npy"
 TOKEN_IDS, TOKEN_LENGTHS = "token_ids.npy", "token_lengths.npy"
 ITEMS_DB = "items.sqlite"
 FILES = (IMAGE_INDEX, TEXT_INDEX, PATCH_CODEC, PATCH_CODES, TOKEN_IDS, TOKEN_LENGTHS, ITEMS_DB)
+IMAGE_OFFSETS, TEXT_OFFSETS = "image_offsets.npy", "text_offsets.npy"
+BANK_TEXTS, BANK_IMAGES, BANK_GROUPS = "querybank_texts.npy", "querybank_images.npy", "querybank_groups.npy"
+QUERYBANK_FILES = (IMAGE_OFFSETS, TEXT_OFFSETS, BANK_TEXTS, BANK_IMAGES, BANK_GROUPS)
 
 
 class BundleError(ValueError):
     """A bundle that is missing, incomplete, tampered with, of another format version or another model."""
+
+
+def bundle_files(manifest: Mapping[str, Any]) -> tuple[str, ...]:
+    """The files a bundle with this manifest must hold."""
+    return FILES + (QUERYBANK_FILES if "querybank" in manifest else ())
 
 
 def file_entries(folder: Path, names: Sequence[str] = FILES) -> dict[str, dict[str, Any]]:
@@ -79,7 +92,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 def verify_files(folder: Path, manifest: Mapping[str, Any], checksums: bool = True) -> None:
     """Every file the manifest lists is there with its size (and sha256); raises BundleError naming the file."""
     files = manifest.get("files", {})
-    missing = [name for name in FILES if name not in files]
+    missing = [name for name in bundle_files(manifest) if name not in files]
     if missing:
         raise BundleError(f"{folder}: manifest lists no {missing}")
     for name, entry in files.items():
@@ -169,6 +182,11 @@ class Bundle:
         self.size = int(self.live.sum())
         self._live_filter = row_filter(self.live) if self.size < self.rows else None
         self._matching = functools.lru_cache(maxsize=256)(self._rows_matching)
+        # Querybank offsets per index (None in bundles built without): recall subtracts them.
+        self.image_offsets = self.text_offsets = None
+        if "querybank" in manifest:
+            self.image_offsets = _load_array(path / IMAGE_OFFSETS, (self.rows,))
+            self.text_offsets = _load_array(path / TEXT_OFFSETS, (self.rows,))
 
     @classmethod
     def open(
@@ -201,19 +219,30 @@ class Bundle:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Text query embeddings (q, E) -> (scores (q, k), item rows (q, k)); removed excluded, -1 padding.
 
-        `rows` limits results to those rows (from `rows_matching`), e.g. one category.
+        `rows` limits results to those rows (from `rows_matching`), e.g. one category. Scores are
+        querybank-normalised where the bundle has offsets.
         """
-        return filtered_search(
-            self.image_index, query_embeddings, k, self._allowed(rows), nprobe or self.nprobe
-        )
+        return self._search(self.image_index, self.image_offsets, query_embeddings, k, nprobe, rows)
 
     def search_texts(
         self, query_embeddings: np.ndarray, k: int, nprobe: int | None = None, rows: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Image query embeddings (q, E) -> (scores, rows) over the items' text embeddings."""
-        return filtered_search(
-            self.text_index, query_embeddings, k, self._allowed(rows), nprobe or self.nprobe
-        )
+        return self._search(self.text_index, self.text_offsets, query_embeddings, k, nprobe, rows)
+
+    def _search(
+        self,
+        index: faiss.Index,
+        offsets: np.ndarray | None,
+        query_embeddings: np.ndarray,
+        k: int,
+        nprobe: int | None,
+        rows: np.ndarray | Sequence[int] | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        allowed, nprobe = self._allowed(rows), nprobe or self.nprobe
+        if offsets is None:
+            return filtered_search(index, query_embeddings, k, allowed, nprobe)
+        return normalised_search(index, query_embeddings, k, offsets, allowed, nprobe)
 
     def _allowed(self, rows: np.ndarray | Sequence[int] | None) -> RowFilter | None:
         if rows is None:

@@ -141,3 +141,38 @@ def _keep(scores: np.ndarray, rows: np.ndarray, allowed: np.ndarray, k: int) -> 
 
 def _empty(q: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((q, k), -np.inf, dtype=np.float32), np.full((q, k), -1, dtype=np.int64)
+
+
+def normalised_search(
+    index: faiss.Index,
+    queries: np.ndarray,
+    k: int,
+    offsets: np.ndarray,
+    allowed: np.ndarray | RowFilter | None = None,
+    nprobe: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by querybank-normalised score, inner product minus the row's offset (`model.querybank`).
+
+    The index ranks by inner product alone, so it is searched deeper, doubling, until no row past the
+    depth fetched could still enter: one there scores at most the last fetched inner product minus the
+    smallest offset. Exact on an exact index; as good as its recall on an approximate one.
+    """
+    queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+    lowest = float(offsets.min()) if len(offsets) else 0.0
+    depth = min(index.ntotal, 2 * k)
+    while True:
+        scores, rows = filtered_search(index, queries, max(depth, 1), allowed, nprobe)
+        adjusted = np.where(rows >= 0, scores - offsets[np.maximum(rows, 0)], -np.inf).astype(np.float32)
+        order = np.argsort(-adjusted, axis=1, kind="stable")[:, :k]
+        top_scores = np.take_along_axis(adjusted, order, axis=1)
+        exhausted = depth >= index.ntotal or bool((rows[:, -1] < 0).all())
+        kth = top_scores[:, -1] if top_scores.shape[1] == k else np.full(len(queries), -np.inf)
+        if exhausted or bool((kth >= scores[:, -1] - lowest).all()):
+            top_rows = np.take_along_axis(rows, order, axis=1)
+            if top_rows.shape[1] < k:  # a catalogue smaller than k: pad as filtered_search does
+                pad = k - top_rows.shape[1]
+                top_scores = np.pad(top_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+                top_rows = np.pad(top_rows, ((0, 0), (0, pad)), constant_values=-1)
+            top_scores[top_rows < 0] = -np.inf
+            return top_scores, top_rows
+        depth = min(index.ntotal, 2 * depth)

@@ -23,7 +23,8 @@ Report keys (the CLI writes the dict to JSON with --report); `{dir}` is `i2t` or
   modalities of the whole gallery plus search).
 - `gallery/rerank/{dir}/R@1`, `R@5`, `R@10`, `MRR`; `gallery/rerank/seconds` (the `match` calls alone).
   A correct item outside the re-ranked top keeps its embedding rank, so MRR stays comparable.
-- `gallery/queries`, `gallery/size`, `gallery/recall_k`, `gallery/rerank_k`.
+- `gallery/queries`, `gallery/size`, `gallery/recall_k`, `gallery/rerank_k`, `gallery/querybank_size`
+  (bank items whose offsets normalised the recall scores; 0: plain cosine).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import numpy as np
 
 from model.catalogue import Catalogue
 from model.metrics import accuracy, mean_reciprocal_rank, rank_of_positive, recall_at_k, roc_auc
+from model.querybank import QueryBank, group_hashes
 from model.ranking import rerank_order
 
 logger = logging.getLogger(__name__)
@@ -175,8 +177,13 @@ def evaluate_gallery(
     patch_features: np.ndarray,
     config: EvalConfig,
     rerank_k: int | None = None,
+    querybank: QueryBank | None = None,
 ) -> dict[str, float]:
-    """Full-gallery retrieval as served: embedding recall of the top recall_k, `match` re-ranks the top rerank_k."""
+    """Full-gallery retrieval as served: embedding recall of the top recall_k, `match` re-ranks the top rerank_k.
+
+    With a `querybank` the recall scores are querybank-normalised (`model.querybank`), as a bundle built
+    with one serves them, and the re-ranking logit adds those scores as its tower term, as the service does.
+    """
     n = len(catalogue)
     assert len(patch_features) == n, f"{len(patch_features)} patch feature rows for {n} items"
     assert n >= 1, "an empty gallery has nothing to retrieve"
@@ -191,13 +198,19 @@ def evaluate_gallery(
     token_ids = inference.tokenize([item.text for item in catalogue.items])
     text_embeddings = inference.encode_token_ids(token_ids, batch_size=config.batch_size)  # (n, E)
     image_embeddings = inference.encode_images(patch_features, batch_size=config.batch_size)  # (n, E)
-    recalled: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    groups = group_hashes([item.group for item in catalogue.items]) if querybank is not None else None
+    recalled: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for direction in DIRECTIONS:
         query_side, gallery_side = (
             (image_embeddings, text_embeddings) if direction == "i2t" else (text_embeddings, image_embeddings)
         )
-        ranks, top = _embedding_search(query_side[queries], gallery_side, codes[queries], codes, recall_k)
-        recalled[direction] = ranks, top
+        offsets = None
+        if querybank is not None:
+            offsets, _ = querybank.offsets("text" if direction == "i2t" else "image", gallery_side, groups)
+        ranks, top, top_scores = _embedding_search(
+            query_side[queries], gallery_side, codes[queries], codes, recall_k, offsets
+        )
+        recalled[direction] = ranks, top, top_scores
         report.update(_rank_metrics(f"gallery/embedding/{direction}", ranks))
         if recall_k not in RECALL_KS:
             report.update(
@@ -207,12 +220,15 @@ def evaluate_gallery(
 
     start = time.perf_counter()
     for direction in DIRECTIONS:
-        embedding_ranks, recalled_top = recalled[direction]  # (Q,), (Q, recall_k)
+        embedding_ranks, recalled_top, recall_scores = recalled[direction]  # (Q,), (Q, recall_k) x 2
         top = recalled_top[:, :rerank_k]  # (Q, rerank_k)
         repeated = np.repeat(queries, rerank_k)
         text_index, image_index = (top.ravel(), repeated) if direction == "i2t" else (repeated, top.ravel())
+        # Normalised recall scores are the logit's tower term, as the service hands them over; plain ones
+        # the model recomputes itself.
+        similarity = recall_scores[:, :rerank_k].ravel() if querybank is not None else None
         logits = _match_pairs(
-            inference, token_ids, patch_features, text_index, image_index, config.batch_size
+            inference, token_ids, patch_features, text_index, image_index, config.batch_size, similarity
         ).reshape(top.shape)
         correct = codes[recalled_top] == codes[queries][:, None]  # (Q, recall_k)
         ranks = reranked_ranks(logits, correct, embedding_ranks)
@@ -224,6 +240,7 @@ def evaluate_gallery(
             "gallery/size": n,
             "gallery/recall_k": recall_k,
             "gallery/rerank_k": rerank_k,
+            "gallery/querybank_size": 0 if querybank is None else len(querybank.groups),
         }
     )
     logger.info(
@@ -244,12 +261,13 @@ def evaluate(
     gallery: bool = True,
     rerank_k: int | None = None,
     sampled: bool = True,
+    querybank: QueryBank | None = None,
 ) -> dict[str, float]:
     """The sampled protocol and full-gallery retrieval (each unless switched off): one flat report."""
     assert sampled or gallery, "nothing to evaluate"
     report = evaluate_sampled(inference, catalogue, patch_features, config) if sampled else {}
     if gallery:
-        report.update(evaluate_gallery(inference, catalogue, patch_features, config, rerank_k))
+        report.update(evaluate_gallery(inference, catalogue, patch_features, config, rerank_k, querybank))
     return report
 
 
@@ -393,14 +411,18 @@ def _embedding_search(
     query_codes: np.ndarray,
     gallery_codes: np.ndarray,
     k: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact cosine search: (Q,) rank of the best correct item over the whole gallery, (Q, k) top indices."""
+    gallery_offsets: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact cosine search, minus each gallery item's querybank offset when given: (Q,) rank of the best
+    correct item over the whole gallery, (Q, k) top indices and (Q, k) their scores."""
     n = len(gallery_embeddings)
     block = max(1, _SIMILARITY_BLOCK // max(n, 1))
     gallery = np.ascontiguousarray(gallery_embeddings, dtype=np.float32)
-    ranks, tops = [], []
+    ranks, tops, top_scores = [], [], []
     for start in range(0, len(query_embeddings), block):
         scores = np.asarray(query_embeddings[start : start + block], dtype=np.float32) @ gallery.T  # (B, n)
+        if gallery_offsets is not None:
+            scores -= gallery_offsets[None, :]
         correct = query_codes[start : start + block, None] == gallery_codes[None, :]
         ranks.append(rank_of_positive(scores, correct))
         top = (
@@ -410,6 +432,7 @@ def _embedding_search(
         )
         order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
         tops.append(np.take_along_axis(top, order, axis=1))
+        top_scores.append(np.take_along_axis(scores, tops[-1], axis=1))
     if not ranks:
-        return np.zeros(0, dtype=np.int64), np.zeros((0, k), dtype=np.int64)
-    return np.concatenate(ranks), np.concatenate(tops)
+        return np.zeros(0, dtype=np.int64), np.zeros((0, k), dtype=np.int64), np.zeros((0, k), np.float32)
+    return np.concatenate(ranks), np.concatenate(tops), np.concatenate(top_scores)

@@ -81,6 +81,11 @@ class FashionBertInference:
         )
 
     @property
+    def tower_logit_scale(self) -> float:
+        """The towers' contrastive inverse temperature, as training clamps it: querybank normalisation's beta."""
+        return float(self.model.logit_scale.detach().exp().clamp(max=100))
+
+    @property
     def int8_matching(self) -> bool:
         return self.matcher is not self.model
 

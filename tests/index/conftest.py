@@ -41,6 +41,7 @@ class StubEncoder:
             bert={"vocab_size": 1000},
         )
         self.fingerprint = "stub-model-0123456789abcdef"
+        self.tower_logit_scale = 20.0
         self.projection = (
             np.random.default_rng(0).standard_normal((patch_feature_dim, embed_dim)).astype(np.float32)
         )

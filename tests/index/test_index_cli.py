@@ -61,6 +61,11 @@ def test_index_commands(
     assert "5 items added" in capsys.readouterr().out
     with Bundle.open(bundle) as opened:
         assert opened.size == 22 - 1 + 5 and opened.row_of("extra-a") is None
+        assert len(opened.image_offsets) == opened.rows  # querybank-normalised by default
+    plain = tmp_path / "plain"
+    assert main([*args, "--out", str(plain), "--no-querybank"]) == 0
+    with Bundle.open(plain) as opened:
+        assert "querybank" not in opened.manifest and opened.image_offsets is None
 
     other_model = tmp_path / "other-model"
     other_model.mkdir()

@@ -16,6 +16,8 @@ from model.evaluation import (
     format_table,
     negative_pool,
 )
+from model.metrics import rank_of_positive, recall_at_k
+from model.querybank import QueryBank, group_hashes
 
 SUBCATEGORIES = {"top": ("shirt", "tee"), "shoe": ("boot", "sneaker")}
 
@@ -221,6 +223,48 @@ def test_gallery_rerank_scores_only_recalled_pairs():
         inference, catalogue, item_patches(24), EvalConfig(num_queries=10, recall_k=7, batch_size=3)
     )
     assert inference.pairs_scored == 2 * 10 * 7
+
+
+class TowerTermFake(FakeInference):
+    """Also takes the service's `tower_similarity` and returns it as the logit: re-ranking by it alone."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.handed: list[np.ndarray] = []
+
+    def match(self, token_ids, patch_features, batch_size=128, tower_similarity=None):
+        assert tower_similarity is not None, "with a querybank the recall scores are the tower term"
+        self.handed.append(np.asarray(tower_similarity))
+        return np.asarray(tower_similarity, np.float32)
+
+
+def test_gallery_querybank_ranks_by_normalised_scores_and_hands_them_to_match():
+    catalogue = make_catalogue()
+    inference = TowerTermFake(catalogue, noise=1.2, seed=2)
+    rng = np.random.default_rng(5)
+    bank = QueryBank(
+        _normalise(rng.normal(size=(40, 8))), _normalise(rng.normal(size=(40, 8))), np.arange(40), beta=8.0
+    )
+    config = EvalConfig(recall_k=6)
+    report = evaluate_gallery(inference, catalogue, item_patches(24), config, querybank=bank)
+
+    groups = group_hashes([item.group for item in catalogue.items])
+    texts, images = inference.text_vectors[inference.item_code], inference.image_vectors
+    correct = inference.item_code[:, None] == inference.item_code[None, :]
+    for direction, queries, gallery, side in (
+        ("i2t", images, texts, "text"),
+        ("t2i", texts, images, "image"),
+    ):
+        scores = queries @ gallery.T - bank.offsets(side, gallery, groups)[0][None, :]
+        expected = recall_at_k(rank_of_positive(scores, correct), (1, 5))
+        assert report[f"gallery/embedding/{direction}/R@1"] == pytest.approx(expected["R@1"])
+        assert report[f"gallery/embedding/{direction}/R@5"] == pytest.approx(expected["R@5"])
+        # The logit is the normalised score itself, so re-ranking keeps the recall order.
+        assert report[f"gallery/rerank/{direction}/R@1"] == report[f"gallery/embedding/{direction}/R@1"]
+    plain = evaluate_gallery(FakeInference(catalogue, noise=1.2, seed=2), catalogue, item_patches(24), config)
+    assert plain["gallery/querybank_size"] == 0 and report["gallery/querybank_size"] == 40
+    handed = np.concatenate(inference.handed)
+    assert len(handed) == 2 * 24 * 6 and np.all(np.diff(handed.reshape(-1, 6), axis=1) <= 1e-6)
 
 
 def test_evaluate_and_format_table():
