@@ -236,7 +236,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         train, validation = split_with_features(kept, features, args.val_fraction, seed=args.split_seed)
         kept, features = validation if args.split == "validation" else train
         # The bank an index build would pick from this catalogue: the train part, never the queries'.
-        if args.split == "validation" and not args.no_querybank and not args.no_gallery:
+        if args.split == "validation" and not args.no_querybank:
             (bank_part, bank_features), groups = train, [item.group for item in train[0].items]
             rows = bank_rows(groups, args.val_fraction, args.split_seed, size=args.querybank_items)
             querybank = QueryBank.encode(
@@ -664,8 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-querybank",
         action="store_true",
-        help="gallery recall by plain cosine (default: querybank-normalised against the train part, as "
-        "bundles serve it)",
+        help="rank by the model's scores as they are (default: the tower term querybank-normalised against "
+        "the train part, as bundles serve it)",
     )
     p.add_argument("--querybank-items", type=int, default=20_000, help="bank size cap, as in index builds")
     p.add_argument("--no-sampled", action="store_true", help="only full-gallery retrieval")

@@ -127,9 +127,18 @@ def negative_pool(catalogue: Catalogue, index: int, rng: np.random.Generator, n:
 
 
 def evaluate_sampled(
-    inference: Scorer, catalogue: Catalogue, patch_features: np.ndarray, config: EvalConfig
+    inference: Scorer,
+    catalogue: Catalogue,
+    patch_features: np.ndarray,
+    config: EvalConfig,
+    querybank: QueryBank | None = None,
 ) -> dict[str, float]:
-    """The paper's protocol: rank each query's partner among 1 + num_negatives candidates by `match`."""
+    """The paper's protocol: rank each query's partner among 1 + num_negatives candidates by `match`.
+
+    With a `querybank`, by the score the service ranks with: the logit's tower term is the towers' cosine
+    minus the candidate's querybank offset (text offsets for image-to-text, image offsets for
+    text-to-image), so each query's true pair is scored once per direction.
+    """
     start = time.perf_counter()
     n = len(catalogue)
     assert len(patch_features) == n, f"{len(patch_features)} patch feature rows for {n} items"
@@ -147,26 +156,45 @@ def evaluate_sampled(
     )
     # Each query's true pair is scored once and shared by both directions.
     q_rep = np.repeat(queries, num_negatives)
+    # Pairs in order: true pairs, i2t false pairs (candidate texts), t2i false pairs (candidate images),
+    # and with a querybank the true pairs again, normalised on the image side.
     text_index = np.concatenate([queries, negatives.ravel(), q_rep])
     image_index = np.concatenate([queries, q_rep, negatives.ravel()])
-    logits = _match_pairs(inference, token_ids, patch_features, text_index, image_index, config.batch_size)
-    num_queries = len(queries)
+    num_queries, similarity = len(queries), None
+    if querybank is not None:
+        text_index, image_index = np.append(text_index, queries), np.append(image_index, queries)
+        text_side = np.arange(len(text_index)) < num_queries + negatives.size
+        similarity = _served_tower_term(
+            inference, catalogue, patch_features, querybank, text_index, image_index, text_side
+        )
+    logits = _match_pairs(
+        inference, token_ids, patch_features, text_index, image_index, config.batch_size, similarity
+    )
     positive_logits = logits[:num_queries, None]
     i2t_logits = logits[num_queries : num_queries + negatives.size].reshape(negatives.shape)
-    t2i_logits = logits[num_queries + negatives.size :].reshape(negatives.shape)
+    t2i_logits = logits[num_queries + negatives.size : num_queries + 2 * negatives.size].reshape(
+        negatives.shape
+    )
+    t2i_positive_logits = logits[-num_queries:, None] if querybank is not None else positive_logits
 
     codes = text_codes(catalogue)
     correct = codes[candidates] == codes[queries][:, None]  # (Q, 1 + K), identical text included
     report: dict[str, float] = {}
-    for direction, negative_logits in (("i2t", i2t_logits), ("t2i", t2i_logits)):
-        scores = np.concatenate([positive_logits, negative_logits], axis=1)
+    for direction, positives, negative_logits in (
+        ("i2t", positive_logits, i2t_logits),
+        ("t2i", t2i_positive_logits, t2i_logits),
+    ):
+        scores = np.concatenate([positives, negative_logits], axis=1)
         report.update(_rank_metrics(f"sampled/{direction}", rank_of_positive(scores, correct)))
     pair_labels = np.concatenate([correct[:, 0], correct[:, 1:].ravel(), correct[:, 1:].ravel()])
+    if querybank is not None:
+        pair_labels = np.append(pair_labels, correct[:, 0])
     report["sampled/accuracy"] = accuracy(logits, pair_labels)
     report["sampled/auc"] = roc_auc(logits, pair_labels)
     report["sampled/seconds"] = time.perf_counter() - start
     report["sampled/queries"] = num_queries
     report["sampled/candidates"] = 1 + num_negatives
+    report["sampled/querybank_size"] = 0 if querybank is None else len(querybank.groups)
     logger.info("sampled evaluation: %d queries x %d candidates", num_queries, 1 + num_negatives)
     return report
 
@@ -265,7 +293,7 @@ def evaluate(
 ) -> dict[str, float]:
     """The sampled protocol and full-gallery retrieval (each unless switched off): one flat report."""
     assert sampled or gallery, "nothing to evaluate"
-    report = evaluate_sampled(inference, catalogue, patch_features, config) if sampled else {}
+    report = evaluate_sampled(inference, catalogue, patch_features, config, querybank) if sampled else {}
     if gallery:
         report.update(evaluate_gallery(inference, catalogue, patch_features, config, rerank_k, querybank))
     return report
@@ -403,6 +431,28 @@ def _match_pairs(
             np.asarray(inference.match(texts, patches, batch_size=batch_size, **given), dtype=np.float32)
         )
     return np.concatenate(out)
+
+
+def _served_tower_term(
+    inference: Scorer,
+    catalogue: Catalogue,
+    patch_features: np.ndarray,
+    querybank: QueryBank,
+    text_index: np.ndarray,
+    image_index: np.ndarray,
+    text_side: np.ndarray,
+) -> np.ndarray:
+    """(P,) the towers' cosine of each pair minus the querybank offset of its candidate: the text's where
+    `text_side`, else the image's. Offsets are centred over the whole split, as a gallery's are."""
+    texts = inference.encode_token_ids(inference.tokenize([item.text for item in catalogue.items]))
+    images = inference.encode_images(patch_features)
+    groups = group_hashes([item.group for item in catalogue.items])
+    text_offsets, _ = querybank.offsets("text", texts, groups)
+    image_offsets, _ = querybank.offsets("image", images, groups)
+    cosine = np.einsum("pe,pe->p", texts[text_index], images[image_index])
+    return np.where(text_side, cosine - text_offsets[text_index], cosine - image_offsets[image_index]).astype(
+        np.float32
+    )
 
 
 def _embedding_search(

@@ -10,6 +10,8 @@ import pytest
 from model.catalogue import Catalogue, Item
 from model.evaluation import (
     EvalConfig,
+    NegativeSampler,
+    draw_queries,
     evaluate,
     evaluate_gallery,
     evaluate_sampled,
@@ -265,6 +267,39 @@ def test_gallery_querybank_ranks_by_normalised_scores_and_hands_them_to_match():
     assert plain["gallery/querybank_size"] == 0 and report["gallery/querybank_size"] == 40
     handed = np.concatenate(inference.handed)
     assert len(handed) == 2 * 24 * 6 and np.all(np.diff(handed.reshape(-1, 6), axis=1) <= 1e-6)
+
+
+def test_sampled_querybank_ranks_by_the_served_score():
+    catalogue = make_catalogue()
+    inference = TowerTermFake(catalogue, noise=1.2, seed=2)
+    rng = np.random.default_rng(7)
+    bank = QueryBank(
+        _normalise(rng.normal(size=(30, 8))), _normalise(rng.normal(size=(30, 8))), np.arange(30), beta=8.0
+    )
+    config = EvalConfig(num_queries=24, num_negatives=5)
+    report = evaluate_sampled(inference, catalogue, item_patches(24), config, querybank=bank)
+
+    # The same draws as the protocol's, then cosine minus the candidate's offset by hand.
+    draws = np.random.default_rng(config.seed)
+    queries = draw_queries(24, 24, draws)
+    sampler = NegativeSampler(catalogue)
+    candidates = np.stack([np.append(q, sampler.sample(int(q), draws, 5)) for q in queries])
+    groups = group_hashes([item.group for item in catalogue.items])
+    texts, images = inference.text_vectors[inference.item_code], inference.image_vectors
+    text_offsets, image_offsets = (
+        bank.offsets("text", texts, groups)[0],
+        bank.offsets("image", images, groups)[0],
+    )
+    correct = np.zeros(candidates.shape, bool)
+    correct[:, 0] = True
+    i2t = np.einsum("qce,qe->qc", texts[candidates], images[queries]) - text_offsets[candidates]
+    t2i = np.einsum("qe,qce->qc", texts[queries], images[candidates]) - image_offsets[candidates]
+    for direction, scores in (("i2t", i2t), ("t2i", t2i)):
+        expected = recall_at_k(rank_of_positive(scores, correct), (1, 5))
+        assert report[f"sampled/{direction}/R@1"] == pytest.approx(expected["R@1"])
+        assert report[f"sampled/{direction}/R@5"] == pytest.approx(expected["R@5"])
+    assert report["sampled/querybank_size"] == 30
+    assert len(np.concatenate(inference.handed)) == 24 + 2 * 24 * 5 + 24  # true pairs once per direction
 
 
 def test_evaluate_and_format_table():
