@@ -220,10 +220,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from model.evaluation import EvalConfig, evaluate, format_table
     from model.inference import FashionBertInference
     from model.patch_features import PatchFeatureConfig
-    from model.querybank import QueryBank, bank_rows
+    from model.querybank import QueryBank, draw_bank
 
     if args.no_sampled and args.no_gallery:
         raise SystemExit("error: --no-sampled and --no-gallery leave nothing to evaluate")
+    if args.querybank and args.split != "validation":
+        raise SystemExit(
+            "error: --querybank draws its bank from the train split: evaluate --split validation"
+        )
     # --int8-matching scores as a service with FASHIONBERT_INT8_MATCHING=true would (weights in bf16).
     inference = FashionBertInference.from_checkpoint(
         args.model, device=args.device, bf16_weights=args.int8_matching, int8_matching=args.int8_matching
@@ -235,10 +239,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.split != "all":
         train, validation = split_with_features(kept, features, args.val_fraction, seed=args.split_seed)
         kept, features = validation if args.split == "validation" else train
-        # The bank an index build would pick from this catalogue: the train part, never the queries'.
-        if args.split == "validation" and not args.no_querybank:
-            (bank_part, bank_features), groups = train, [item.group for item in train[0].items]
-            rows = bank_rows(groups, args.val_fraction, args.split_seed, size=args.querybank_items)
+        # A bank disjoint from the gallery, as `index build --querybank-data` draws one.
+        if args.querybank:
+            bank_part, bank_features = train
+            rows = draw_bank(len(bank_part), args.querybank_items)
             querybank = QueryBank.encode(
                 inference,
                 bank_part.subset([bank_part.items[i] for i in rows]),
@@ -395,6 +399,7 @@ def _print_job(report, verb: str) -> None:
 def cmd_index_build(args: argparse.Namespace) -> int:
     from index.build import build_bundle
     from index.config import IndexConfig
+    from model.catalogue import load_catalogue
 
     config = IndexConfig(
         factory=args.factory,
@@ -403,10 +408,10 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         patch_codec=args.patch_codec,
         batch_size=args.batch_size,
         use_gpu=not args.no_gpu,
-        querybank=not args.no_querybank,
     )
     inference, catalogues, features = _index_inputs(args)
-    _print_job(build_bundle(inference, catalogues, features, args.out, config), "built")
+    querybank = load_catalogue(args.querybank_data) if args.querybank_data else None
+    _print_job(build_bundle(inference, catalogues, features, args.out, config, querybank=querybank), "built")
     return 0
 
 
@@ -504,9 +509,11 @@ def _add_index_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=128, help="items per model batch")
     p.add_argument("--no-gpu", action="store_true", help="train and add on the CPU even with faiss-gpu")
     p.add_argument(
-        "--no-querybank",
-        action="store_true",
-        help="recall by plain inner product (default: querybank-normalised, see the README's Index section)",
+        "--querybank-data",
+        default=None,
+        metavar="SPEC",
+        help="querybank-normalise recall against items of this catalogue (other items than the bundle's, "
+        "e.g. last season's); off by default, see the README's Index section",
     )
 
     p = add("add", cmd_index_add, "add new items to a bundle with its trained quantizers (no retraining)")
@@ -662,10 +669,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-gallery", action="store_true", help="only the sampled protocol")
     p.add_argument(
-        "--no-querybank",
+        "--querybank",
         action="store_true",
-        help="rank by the model's scores as they are (default: the tower term querybank-normalised against "
-        "the train part, as bundles serve it)",
+        help="querybank-normalise the tower term against a bank of the train split, as a bundle built with "
+        "--querybank-data serves it (default: the model's scores as they are)",
     )
     p.add_argument("--querybank-items", type=int, default=20_000, help="bank size cap, as in index builds")
     p.add_argument("--no-sampled", action="store_true", help="only full-gallery retrieval")

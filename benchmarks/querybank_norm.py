@@ -35,22 +35,34 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="catalogue SPEC (validation = gallery, train = bank)")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--betas", default="0,10,20,30,50", help="inverse temperatures to try")
+    parser.add_argument(
+        "--gallery",
+        choices=("validation", "catalogue"),
+        default="validation",
+        help="search the validation split (as `fashionbert eval`), or the whole catalogue (as a served "
+        "bundle: the same validation queries among the train items too)",
+    )
     args = parser.parse_args()
 
     inference = FashionBertInference.from_checkpoint(args.model, device="cpu")
     (train, train_patches), (val, val_patches) = (
         load_split(args.data, inference, part) for part in ("train", "validation")
     )
-    gallery = {
-        "text": inference.encode_texts([item.text for item in val.items]),
-        "image": inference.encode_images(val_patches),
-    }
-    groups = group_hashes([item.group for item in val.items])
-    codes = text_codes(val)
     queries = draw_queries(len(val), args.queries, np.random.default_rng(0))  # fashionbert eval's queries
+    searched, searched_patches = val, val_patches
+    if args.gallery == "catalogue":  # train items first, so the queries' rows move down by len(train)
+        searched = train.subset([*train.items, *val.items])
+        searched_patches = np.concatenate([train_patches, val_patches])
+        queries = queries + len(train)
+    gallery = {
+        "text": inference.encode_texts([item.text for item in searched.items]),
+        "image": inference.encode_images(searched_patches),
+    }
+    groups = group_hashes([item.group for item in searched.items])
+    codes = text_codes(searched)
     own_scale = float(inference.model.logit_scale.detach().exp())
     betas = sorted({float(b) for b in args.betas.split(",")} | {round(own_scale, 1)})
-    print(f"{len(val)} gallery items, {len(queries)} queries, bank of {len(train)} train items")
+    print(f"{len(searched)} gallery items, {len(queries)} queries, bank of {len(train)} train items")
     print(f"{'beta':>6}  {'i2t R@1/5/10':>18}  {'t2i R@1/5/10':>18}")
     encoded = QueryBank.encode(inference, train, train_patches, beta=own_scale)
     for beta in betas:

@@ -54,7 +54,7 @@ from index.search import inverted_lists
 from index.staging import link_or_copy, locked, publish, staging_folder
 from model.catalogue import Catalogue
 from model.patches import pool_grid
-from model.querybank import QueryBank, bank_rows, group_hashes
+from model.querybank import QueryBank, draw_bank, group_hashes
 
 logger = logging.getLogger(__name__)
 
@@ -288,16 +288,25 @@ def _copy_npy_rows(source: Path, out: BinaryIO) -> None:
 
 def _write_querybank(
     folder: Path,
-    beta: float,
+    job: _EncodePass,
+    bank_catalogue: Catalogue,
     image_embeddings: np.ndarray,
     text_embeddings: np.ndarray,
     groups: Sequence[str],
-    config: IndexConfig,
 ) -> dict[str, Any]:
-    """Pick the bank (train part of the split), store it and both indexes' offsets; the manifest section."""
+    """Draw the bank from `bank_catalogue` (less the gallery's product groups), store it and both indexes'
+    offsets; the manifest section."""
+    held = set(groups)
+    candidates = [item for item in bank_catalogue.items if item.group not in held]
+    chosen = draw_bank(len(candidates), job.config.querybank_items, job.config.seed)
+    kept, features = job.patch_features(bank_catalogue.subset([candidates[i] for i in chosen]))
+    if not len(kept):
+        raise BundleError(
+            f"querybank catalogue {bank_catalogue.source}: no item outside the gallery's product groups "
+            "with a readable image"
+        )
+    bank = QueryBank.encode(job.encoder, kept, features, job.encoder.tower_logit_scale)
     hashes = group_hashes(groups)
-    rows = bank_rows(groups, size=config.querybank_items, seed=config.seed)
-    bank = QueryBank(text_embeddings[rows], image_embeddings[rows], hashes[rows], beta)
     image_offsets, image_centre = bank.offsets("image", image_embeddings, hashes)
     text_offsets, text_centre = bank.offsets("text", text_embeddings, hashes)
     for name, array in (
@@ -309,9 +318,13 @@ def _write_querybank(
     ):
         np.save(folder / name, array, allow_pickle=False)
     return {
-        "beta": beta,
-        "bank_items": len(rows),
-        "held_out": "the split's validation part (val_fraction 0.1, seed 0) is never in the bank",
+        "beta": bank.beta,
+        "bank_items": len(kept),
+        "catalogue": {
+            "name": bank_catalogue.name,
+            "source": bank_catalogue.source,
+            "fingerprint": bank_catalogue.fingerprint(),
+        },
         "centres": {"image": image_centre, "text": text_centre},
     }
 
@@ -361,8 +374,13 @@ def build_bundle(
     out: str | Path,
     config: IndexConfig | None = None,
     progress: bool = True,
+    querybank: Catalogue | None = None,
 ) -> JobReport:
-    """Encode every item and write a new bundle at `out` (replacing any bundle there, in one step)."""
+    """Encode every item and write a new bundle at `out` (replacing any bundle there, in one step).
+
+    With a `querybank` catalogue, recall is querybank-normalised against items drawn from it
+    (`model.querybank`); its items of the gallery's product groups are left out.
+    """
     config = config or IndexConfig()
     catalogues = _as_list(catalogues)
     out = Path(out).absolute()
@@ -399,11 +417,11 @@ def build_bundle(
         for name, vectors in ((IMAGE_INDEX, image_embeddings), (TEXT_INDEX, text_embeddings)):
             indexes[name], factory, trained_on = build_index(vectors, config)
         report.stages["recall_indexes"] = time.perf_counter() - t
-        querybank = None
-        if config.querybank:
+        querybank_section = None
+        if querybank is not None:
             t = time.perf_counter()
-            querybank = _write_querybank(
-                staging, encoder.tower_logit_scale, image_embeddings, text_embeddings, encoded.groups, config
+            querybank_section = _write_querybank(
+                staging, job, querybank, image_embeddings, text_embeddings, encoded.groups
             )
             report.stages["querybank"] = time.perf_counter() - t
 
@@ -469,8 +487,8 @@ def build_bundle(
                 }
             ],
         }
-        if querybank is not None:
-            manifest["querybank"] = querybank
+        if querybank_section is not None:
+            manifest["querybank"] = querybank_section
         _write_manifest(staging, manifest)
         report.stages["write"] = time.perf_counter() - t
         publish(staging, out)

@@ -39,10 +39,8 @@ class IndexConfig:
     codec_train_items: int = 2048
     chunk_items: int = 1024  # items encoded per pass: bounds memory to one chunk of float16 patches
     batch_size: int = 128  # model batch for the image and text towers
-    # Querybank normalisation of recall (`model.querybank`): each row's offset against a bank of the
-    # catalogue's train-part items (the held-out part of the split never in it), at the towers' own
-    # temperature. On H&M it lifted gallery R@1 by 2-5 points; the cap bounds the build's bank x rows work.
-    querybank: bool = True
+    # Querybank normalisation (`model.querybank`, when a build is given a bank catalogue): items drawn
+    # from it at most; the build's offsets cost bank x rows dot products.
     querybank_items: int = 20_000
     use_gpu: bool = True  # train and add on the GPU when faiss-gpu sees one; the bundle is always CPU
     seed: int = 0

@@ -122,11 +122,11 @@ class Catalogue:
         """(train, validation), disjoint by group so colour variants and repeated titles never leak across."""
         if not 0.0 <= val_fraction <= 1.0:
             raise ValueError(f"val_fraction must be in [0, 1], got {val_fraction}")
-        held_out = {
-            group: in_validation(group, val_fraction, seed) for group in {i.group for i in self.items}
+        in_validation = {
+            group: _unit_hash(seed, group) < val_fraction for group in {i.group for i in self.items}
         }
-        train = [item for item in self.items if not held_out[item.group]]
-        validation = [item for item in self.items if held_out[item.group]]
+        train = [item for item in self.items if not in_validation[item.group]]
+        validation = [item for item in self.items if in_validation[item.group]]
         return self.subset(train), self.subset(validation)
 
     def subset(self, items: Sequence[Item]) -> Catalogue:
@@ -148,12 +148,6 @@ class Catalogue:
             reasons = ", ".join(f"{reason} {count}" for reason, count in self.skipped.most_common())
             lines.append(f"  skipped {sum(self.skipped.values())} rows: {reasons}")
         return "\n".join(lines)
-
-
-def in_validation(group: str, val_fraction: float = 0.1, seed: int = 0) -> bool:
-    """Whether a product group falls in the validation part of `Catalogue.split`: a function of the group
-    alone, so any job can tell held-out items apart without the whole catalogue."""
-    return _unit_hash(seed, group) < val_fraction
 
 
 def _unit_hash(seed: int, group: str) -> float:

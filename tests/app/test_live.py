@@ -118,31 +118,20 @@ def test_text_search_scores_match_the_model(
     assert item.id in ids and len(ids) == size  # recall_k covers the slice: the item must be there
     hit = body["results"][ids.index(item.id)]
 
-    # Recall compares with the image embedding of the exact features, minus the item's querybank offset;
-    # re-ranking reads the bundle's compressed patches, so the reference does too, and adds that recall
-    # score as the logit's tower term.
+    # Recall compares with the image embedding of the exact features; re-ranking reads the bundle's
+    # compressed patches, so the reference does too.
     exact = hm_slice[1][5:6].astype(np.float32)  # (1, N, D)
     with Bundle.open(bundles["main"]) as bundle:
-        row = bundle.row_of(item.id)
-        stored, offset = bundle.patch_features([row]), float(bundle.image_offsets[row])
-    cosine = float((inference.encode_texts([item.text]) @ inference.encode_images(exact).T)[0, 0])
-    expected_recall = cosine - offset
-    expected_rerank = float(
-        inference.match(
-            inference.tokenize([item.text]), stored, tower_similarity=np.array([expected_recall])
-        )[0]
-    )
+        stored = bundle.patch_features([bundle.row_of(item.id)])
+    expected_recall = float((inference.encode_texts([item.text]) @ inference.encode_images(exact).T)[0, 0])
+    expected_rerank = float(inference.match(inference.tokenize([item.text]), stored)[0])
     assert hit["recall_score"] == pytest.approx(expected_recall, abs=0.02)
     assert hit["rerank_score"] == pytest.approx(expected_rerank, abs=0.05)
     scores = [r["rerank_score"] for r in body["results"]]
     assert scores == sorted(scores, reverse=True)
 
 
-def test_image_search_scores_match_the_model(
-    live: Any, catalogue: Any, reference: Any, bundles: dict[str, Path]
-) -> None:
-    from index.bundle import Bundle
-
+def test_image_search_scores_match_the_model(live: Any, catalogue: Any, reference: Any) -> None:
     client, _ = live
     inference, extractor = reference
     item = catalogue.items[9]
@@ -156,16 +145,9 @@ def test_image_search_scores_match_the_model(
     assert item.id in ids
     hit = response.json()["results"][ids.index(item.id)]
 
-    features = inference.pool_patches(extractor.extract([Image.open(io.BytesIO(image))]))
-    with Bundle.open(bundles["main"]) as bundle:
-        offset = float(bundle.text_offsets[bundle.row_of(item.id)])
-    cosine = float((inference.encode_images(features) @ inference.encode_texts([item.text]).T)[0, 0])
-    expected_recall = cosine - offset
-    expected_rerank = float(
-        inference.match(
-            inference.tokenize([item.text]), features, tower_similarity=np.array([expected_recall])
-        )[0]
-    )
+    features = extractor.extract([Image.open(io.BytesIO(image))])
+    expected_recall = float((inference.encode_images(features) @ inference.encode_texts([item.text]).T)[0, 0])
+    expected_rerank = float(inference.match(inference.tokenize([item.text]), features)[0])
     assert hit["recall_score"] == pytest.approx(expected_recall, abs=0.02)
     assert hit["rerank_score"] == pytest.approx(expected_rerank, abs=0.05)
 

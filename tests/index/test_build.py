@@ -39,9 +39,7 @@ def test_add_makes_new_items_findable_without_retraining(
         assert bundle.size == len(catalogue)
         assert file_sha256(path / PATCH_CODEC) == codec_before, "add must reuse the trained codec"
         new = np.arange(BASE_ITEMS, len(catalogue))
-        # The index itself (an image's nearest image is itself; the querybank offsets of a random tiny
-        # model's near-identical images may reorder them, which tests of the offsets cover).
-        _, rows = bundle.image_index.search(tiny_inference.encode_images(features[new]), 1)
+        _, rows = bundle.search_images(tiny_inference.encode_images(features[new]), k=1)
         np.testing.assert_array_equal(rows[:, 0], new)
         assert [item["id"] for item in bundle.items(new)] == [
             item.id for item in catalogue.items[BASE_ITEMS:]

@@ -9,16 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index.bundle import (
-    FILES,
-    FORMAT_VERSION,
-    MANIFEST,
-    PATCH_CODES,
-    QUERYBANK_FILES,
-    TEXT_INDEX,
-    Bundle,
-    BundleError,
-)
+from index.bundle import FILES, FORMAT_VERSION, MANIFEST, PATCH_CODES, TEXT_INDEX, Bundle, BundleError
 from model.patches import pool_grid
 from tests.index.conftest import BASE_ITEMS
 
@@ -36,7 +27,7 @@ def test_build_writes_a_verified_manifest(base_bundle: Path, tiny_inference) -> 
             "removed": 0,
             "skipped_unreadable": 0,
         }
-        assert set(manifest["files"]) == set(FILES + QUERYBANK_FILES)
+        assert set(manifest["files"]) == set(FILES)
         assert all(len(entry["sha256"]) == 64 for entry in manifest["files"].values())
         assert manifest["catalogues"][0]["fingerprint"]
         # The 8 x 8 grid is stored pooled 2 x 2, as the encoder reads it; PQ64: 64 bytes a patch.
@@ -83,12 +74,10 @@ def test_search_finds_each_item_by_its_own_embeddings(base_bundle: Path, hm_slic
         scores, rows = bundle.search_texts(image_queries, k=5)  # image query -> text index
         assert rows.shape == (10, 5) and scores.dtype == np.float32
         text_queries = tiny_inference.encode_texts([item.text for item in catalogue.items[:10]])
-        # Own embeddings against the indexes themselves (exact): every item is stored in its row. The
-        # served search subtracts querybank offsets, tested in test_querybank.py.
-        scores, rows = bundle.image_index.search(tiny_inference.encode_images(features[:10]), 1)
-        np.testing.assert_array_equal(rows[:, 0], np.arange(10))
+        scores, rows = bundle.search_images(tiny_inference.encode_images(features[:10]), k=1)
+        np.testing.assert_array_equal(rows[:, 0], np.arange(10))  # own image embedding, exact index
         assert np.all(scores[:, 0] > 0.99)
-        _, rows = bundle.text_index.search(text_queries, 1)
+        _, rows = bundle.search_texts(text_queries, k=1)
         np.testing.assert_array_equal(rows[:, 0], np.arange(10))
         _, rows = bundle.search_images(image_queries[:1], k=100)  # more than the bundle holds
         assert (rows[0] >= 0).sum() == BASE_ITEMS and np.all(rows[0, BASE_ITEMS:] == -1)

@@ -61,11 +61,16 @@ def test_index_commands(
     assert "5 items added" in capsys.readouterr().out
     with Bundle.open(bundle) as opened:
         assert opened.size == 22 - 1 + 5 and opened.row_of("extra-a") is None
-        assert len(opened.image_offsets) == opened.rows  # querybank-normalised by default
-    plain = tmp_path / "plain"
-    assert main([*args, "--out", str(plain), "--no-querybank"]) == 0
-    with Bundle.open(plain) as opened:
-        assert "querybank" not in opened.manifest and opened.image_offsets is None
+        assert opened.image_offsets is None  # plain inner product unless a querybank is given
+    normalised = tmp_path / "normalised"
+    # The bank: the second catalogue's two readable items (the unreadable one is skipped).
+    bank = f"jsonl:{folder / 'catalogue.jsonl'}"
+    small = ["index", "build", *common, "--data", hm, "--limit", "5", "--querybank-data", bank]
+    assert main([*small, "--out", str(normalised)]) == 0
+    with Bundle.open(normalised) as opened:
+        assert len(opened.image_offsets) == opened.rows == 5
+        assert opened.manifest["querybank"]["bank_items"] == 2
+        assert opened.manifest["querybank"]["catalogue"]["name"] == "jsonl"
 
     other_model = tmp_path / "other-model"
     other_model.mkdir()

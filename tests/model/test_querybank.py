@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.catalogue import Catalogue, Item, in_validation
-from model.querybank import QueryBank, bank_rows, centred, group_hashes, querybank_offsets
+from model.querybank import QueryBank, centred, draw_bank, group_hashes, querybank_offsets
 
 
 def _unit(rng: np.random.Generator, n: int, d: int = 8) -> np.ndarray:
@@ -87,18 +86,11 @@ def test_bank_offsets_read_the_other_modality() -> None:
     )
 
 
-def test_the_bank_is_the_train_part_of_the_split_and_capped() -> None:
-    groups = [f"group-{i // 3}" for i in range(600)]
-    rows = bank_rows(groups)
-    held_out = [row for row, group in enumerate(groups) if in_validation(group)]
-    assert held_out and not set(rows.tolist()) & set(held_out)
-    assert len(rows) == 600 - len(held_out) and np.all(np.diff(rows) > 0)
-    capped = bank_rows(groups, size=50, seed=1)
-    assert len(capped) == 50 and set(capped.tolist()) <= set(rows.tolist())
-    # The same rule as Catalogue.split: the bank is exactly its train part.
-    items = [Item(str(i), "t", "t", "x.jpg", "c", "s", group) for i, group in enumerate(groups)]
-    train, _ = Catalogue("jsonl", "here", items).split()
-    assert [int(item.id) for item in train.items] == rows.tolist()
+def test_a_bank_is_drawn_whole_or_capped() -> None:
+    np.testing.assert_array_equal(draw_bank(5, 10), np.arange(5))
+    capped = draw_bank(600, 50, seed=1)
+    assert len(capped) == 50 and len(set(capped.tolist())) == 50 and np.all(np.diff(capped) > 0)
+    np.testing.assert_array_equal(capped, draw_bank(600, 50, seed=1))
 
 
 def test_group_hashes_are_stable_and_tell_groups_apart() -> None:

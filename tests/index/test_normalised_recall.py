@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import shutil
 from pathlib import Path
 
 import faiss
@@ -10,12 +10,18 @@ import numpy as np
 import pytest
 
 from index.build import add_to_bundle, build_bundle, remove_from_bundle
-from index.bundle import BANK_GROUPS, BANK_IMAGES, BANK_TEXTS, QUERYBANK_FILES, Bundle
-from index.config import IndexConfig
+from index.bundle import (
+    BANK_GROUPS,
+    BANK_IMAGES,
+    BANK_TEXTS,
+    IMAGE_OFFSETS,
+    QUERYBANK_FILES,
+    Bundle,
+    BundleError,
+)
 from index.search import normalised_search
-from model.catalogue import in_validation
 from model.querybank import QueryBank, group_hashes
-from tests.index.conftest import BASE_ITEMS, TEST_CONFIG, StubEncoder, synthetic_catalogue, synthetic_features
+from tests.index.conftest import TEST_CONFIG, StubEncoder, synthetic_catalogue, synthetic_features
 
 
 def _unit(rng: np.random.Generator, n: int, d: int = 16) -> np.ndarray:
@@ -47,27 +53,47 @@ def test_normalised_search_pads_a_small_catalogue() -> None:
     assert (rows[:, :3] >= 0).all() and (rows[:, 3:] == -1).all() and np.isneginf(scores[:, 3:]).all()
 
 
-def test_build_stores_offsets_of_a_bank_without_held_out_items(
-    base_bundle: Path, hm_slice, tiny_inference
+BANK_FROM = 40  # the normalised bundle holds the slice's first 40 items; the bank is drawn from all 64
+
+
+@pytest.fixture(scope="module")
+def normalised_bundle(
+    hm_slice, tiny_inference, slice_features, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The slice's first 40 items, querybank-normalised against a bank drawn from the whole slice."""
+    catalogue, _ = hm_slice
+    out = tmp_path_factory.mktemp("normalised") / "bundle"
+    gallery = catalogue.subset(catalogue.items[:BANK_FROM])
+    build_bundle(
+        tiny_inference, gallery, slice_features, out, TEST_CONFIG, progress=False, querybank=catalogue
+    )
+    return out
+
+
+def _stored_bank(path: Path, beta: float) -> QueryBank:
+    return QueryBank(
+        np.load(path / BANK_TEXTS), np.load(path / BANK_IMAGES), np.load(path / BANK_GROUPS), beta
+    )
+
+
+def test_build_stores_offsets_against_a_bank_outside_the_gallery(
+    normalised_bundle: Path, hm_slice, tiny_inference
 ) -> None:
     catalogue, features = hm_slice
-    items = catalogue.items[:BASE_ITEMS]
-    with Bundle.open(base_bundle) as bundle:
+    items = catalogue.items[:BANK_FROM]
+    gallery_groups = {item.group for item in items}
+    outside = [item for item in catalogue.items if item.group not in gallery_groups]
+    with Bundle.open(normalised_bundle) as bundle:
         section = bundle.manifest["querybank"]
         assert section["beta"] == pytest.approx(tiny_inference.tower_logit_scale)
-        bank_groups = np.load(base_bundle / BANK_GROUPS)
-        train = [item for item in items if not in_validation(item.group)]
-        assert section["bank_items"] == len(bank_groups) == len(train) < len(items)  # some held out
-        np.testing.assert_array_equal(bank_groups, group_hashes([item.group for item in train]))
+        assert section["catalogue"]["fingerprint"] == catalogue.fingerprint()
+        bank = _stored_bank(normalised_bundle, section["beta"])
+        # Every item of another product group, and none of the gallery's.
+        assert section["bank_items"] == len(bank.groups) == len(outside) > 0
+        np.testing.assert_array_equal(bank.groups, group_hashes([item.group for item in outside]))
 
         # The stored offsets are the ones the bank gives the bundle's own embeddings.
-        bank = QueryBank(
-            np.load(base_bundle / BANK_TEXTS),
-            np.load(base_bundle / BANK_IMAGES),
-            bank_groups,
-            section["beta"],
-        )
-        images = tiny_inference.encode_images(features[:BASE_ITEMS])
+        images = tiny_inference.encode_images(features[:BANK_FROM])
         texts = tiny_inference.encode_texts([item.text for item in items])
         groups = group_hashes([item.group for item in items])
         np.testing.assert_allclose(bundle.image_offsets, bank.offsets("image", images, groups)[0], atol=2e-3)
@@ -75,45 +101,44 @@ def test_build_stores_offsets_of_a_bank_without_held_out_items(
         assert abs(float(bundle.image_offsets.mean())) < 1e-5
 
         # Recall ranks text queries by inner product minus the image offset, and returns that score.
-        scores, rows = bundle.search_images(texts[:5], k=BASE_ITEMS)
+        scores, rows = bundle.search_images(texts[:5], k=BANK_FROM)
         expected = texts[:5] @ images.T - bundle.image_offsets[None, :]
         np.testing.assert_allclose(scores, np.take_along_axis(expected, rows, axis=1), atol=2e-3)
         assert np.all(np.diff(scores, axis=1) <= 1e-6)
+        assert bundle.manifest["files"].keys() >= set(QUERYBANK_FILES)  # checksummed with the rest
 
 
 def test_added_items_get_offsets_from_the_stored_bank(
-    bundle_copy: Callable[[], Path], hm_slice, tiny_inference, slice_features
+    normalised_bundle: Path, hm_slice, tiny_inference, slice_features, tmp_path: Path
 ) -> None:
     catalogue, features = hm_slice
-    path = bundle_copy()
+    path = tmp_path / "bundle"
+    shutil.copytree(normalised_bundle, path)
     with Bundle.open(path) as before:
         old_offsets, section = before.image_offsets.copy(), before.manifest["querybank"]
     add_to_bundle(tiny_inference, path, catalogue, slice_features, progress=False)
     with Bundle.open(path) as bundle:
         assert bundle.manifest["querybank"] == section  # same bank, same centres
-        np.testing.assert_array_equal(bundle.image_offsets[:BASE_ITEMS], old_offsets)
-        bank = QueryBank(
-            np.load(path / BANK_TEXTS),
-            np.load(path / BANK_IMAGES),
-            np.load(path / BANK_GROUPS),
-            section["beta"],
-        )
-        new = catalogue.items[BASE_ITEMS:]
-        images = tiny_inference.encode_images(features[BASE_ITEMS:])
+        np.testing.assert_array_equal(bundle.image_offsets[:BANK_FROM], old_offsets)
+        bank = _stored_bank(path, section["beta"])
+        new = catalogue.items[BANK_FROM:]
+        images = tiny_inference.encode_images(features[BANK_FROM:])
         expected, _ = bank.offsets(
             "image", images, group_hashes([i.group for i in new]), centre=section["centres"]["image"]
         )
-        np.testing.assert_allclose(bundle.image_offsets[BASE_ITEMS:], expected, atol=2e-3)
+        np.testing.assert_allclose(bundle.image_offsets[BANK_FROM:], expected, atol=2e-3)
         assert bundle.text_offsets.shape == (len(catalogue),)
     remove_from_bundle(path, [catalogue.items[0].id])
     with Bundle.open(path) as bundle:  # removal keeps the offsets (and checks their checksums)
         assert len(bundle.image_offsets) == len(catalogue)
+    (path / IMAGE_OFFSETS).unlink()
+    with pytest.raises(BundleError, match="image_offsets.npy is missing"):
+        Bundle.open(path)
 
 
 def test_a_bundle_without_querybank_serves_plain_inner_products(tmp_path: Path) -> None:
     encoder, catalogue = StubEncoder(), synthetic_catalogue(40)
-    config = IndexConfig(**{**TEST_CONFIG.to_dict(), "querybank": False})
-    build_bundle(encoder, catalogue, synthetic_features(), tmp_path / "plain", config, progress=False)
+    build_bundle(encoder, catalogue, synthetic_features(), tmp_path / "plain", TEST_CONFIG, progress=False)
     assert not any((tmp_path / "plain" / name).exists() for name in QUERYBANK_FILES)
     with Bundle.open(tmp_path / "plain") as bundle:
         assert "querybank" not in bundle.manifest and bundle.image_offsets is None
@@ -128,10 +153,16 @@ def test_a_bundle_without_querybank_serves_plain_inner_products(tmp_path: Path) 
         assert bundle.image_offsets is None and bundle.size == 44
 
 
-def test_a_bundle_missing_a_querybank_file_is_refused(bundle_copy: Callable[[], Path]) -> None:
-    from index.bundle import IMAGE_OFFSETS, BundleError
-
-    path = bundle_copy()
-    (path / IMAGE_OFFSETS).unlink()
-    with pytest.raises(BundleError, match="image_offsets.npy is missing"):
-        Bundle.open(path)
+def test_a_bank_inside_the_gallery_is_refused(tmp_path: Path) -> None:
+    encoder, catalogue = StubEncoder(), synthetic_catalogue(20)
+    with pytest.raises(BundleError, match="no item outside the gallery's product groups"):
+        build_bundle(
+            encoder,
+            catalogue,
+            synthetic_features(),
+            tmp_path / "b",
+            TEST_CONFIG,
+            progress=False,
+            querybank=catalogue,
+        )
+    assert not (tmp_path / "b").exists()
