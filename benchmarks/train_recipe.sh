@@ -29,6 +29,7 @@ fashionbert train --data "$DATA" --out "$OUT/listwise" --budget-minutes "$LISTWI
     --init "$OUT/pretrain/best" --tasks alignment,contrastive --listwise --mine-top-k 30 --negatives-per-item 4 \
     --mine-every 150 --batch-size 24 --lr 5e-5 --warmup-steps 20 --validate-every 100
 fashionbert fit-image-tower --model "$OUT/listwise/best" --data "$DATA" --out "$OUT/best"
-echo "training wall time, three phases: $(( ($(date +%s) - start) / 60 )) min $(( ($(date +%s) - start) % 60 )) s"
+elapsed=$(( $(date +%s) - start ))
+echo "training wall time, three phases: $(( elapsed / 60 )) min $(( elapsed % 60 )) s"
 fashionbert eval --model "$OUT/best" --data "$DATA" --queries "$QUERIES" --recall-k "$RERANK_K" \
     --report "$OUT/eval.json"
