@@ -95,7 +95,7 @@ def cached_trunk_maps(
     catalogue: Catalogue, extractor: PatchFeatureExtractor, first_block: int, path: Path | None
 ) -> np.ndarray:
     if path is not None and path.exists():
-        return np.load(path)
+        return np.load(path, allow_pickle=False)
     maps = trunk_maps(catalogue, extractor, first_block)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
