@@ -106,6 +106,16 @@ def embed(tower: nn.Module, patches: np.ndarray) -> np.ndarray:
     return torch.cat(rows).numpy()
 
 
+def gallery_recalls(images: np.ndarray, texts: np.ndarray, codes: np.ndarray, queries: np.ndarray) -> str:
+    """Gallery R@1 / R@10 both ways for the `queries` rows, as `fashionbert eval` ranks embeddings."""
+    cells = []
+    for direction, (asked, searched) in (("i2t", (images, texts)), ("t2i", (texts, images))):
+        ranks, *_ = _embedding_search(asked[queries], searched, codes[queries], codes, 10)
+        recalls = recall_at_k(ranks, (1, 10))
+        cells.append(f"{direction} R@1 {recalls['R@1']:.1f} R@10 {recalls['R@10']:.1f}")
+    return ", ".join(cells)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="checkpoint folder (its text tower is kept)")
@@ -141,12 +151,7 @@ def main() -> None:
     queries = draw_queries(len(val), args.queries, np.random.default_rng(0))  # fashionbert eval's queries
 
     def gallery(images: np.ndarray) -> str:
-        cells = []
-        for direction, (asked, searched) in (("i2t", (images, val_texts)), ("t2i", (val_texts, images))):
-            ranks, *_ = _embedding_search(asked[queries], searched, codes[queries], codes, 10)
-            recalls = recall_at_k(ranks, (1, 10))
-            cells.append(f"{direction} R@1 {recalls['R@1']:.1f} R@10 {recalls['R@10']:.1f}")
-        return ", ".join(cells)
+        return gallery_recalls(images, val_texts, codes, queries)
 
     model, config = inference.model, inference.model.config
     hidden, embed_dim = model.bert.config.hidden_size, config.embed_dim

@@ -23,15 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from image_tower_refit import gallery_recalls
 from rerank_fusion import load_split
 from torch import nn
 
 from model.catalogue import Catalogue
-from model.evaluation import _embedding_search, draw_queries, text_codes
+from model.evaluation import draw_queries, text_codes
 from model.fashionbert import colour_path
 from model.inference import FashionBertInference
-from model.metrics import recall_at_k
 from model.patch_features import PatchFeatureConfig, PatchFeatureExtractor, get_backbone
+from model.tower_fit import symmetric_info_nce
 from model.training import warmup_cosine
 
 
@@ -181,12 +182,7 @@ def main() -> None:
         pooled = pooled_all(val_maps)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             images = tower.embed(pooled, val_colour).float().numpy()
-        cells = []
-        for direction, (asked, searched) in (("i2t", (images, val_texts)), ("t2i", (val_texts, images))):
-            ranks, *_ = _embedding_search(asked[queries], searched, val_codes[queries], val_codes, 10)
-            recalls = recall_at_k(ranks, (1, 10))
-            cells.append(f"{direction} R@1 {recalls['R@1']:.1f} R@10 {recalls['R@10']:.1f}")
-        return ", ".join(cells)
+        return gallery_recalls(images, val_texts, val_codes, queries)
 
     groups = [{"params": head_params, "lr": args.lr, "base": args.lr, "weight_decay": 0.05}]
     if not frozen:
@@ -204,10 +200,7 @@ def main() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             pooled = train_pooled[batch] if frozen else tower.pooled(train_maps[batch].float())
             embedded = tower.embed(pooled, train_colour[batch])
-        logits = args.scale * train_texts[batch] @ embedded.T
-        same = (train_codes[batch][:, None] == train_codes[batch][None, :]).float()
-        targets = same / same.sum(1, keepdim=True)
-        loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        loss = symmetric_info_nce(train_texts[batch], embedded, train_codes[batch], args.scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -109,10 +109,7 @@ def fit_tower(
         batch = torch.randperm(len(images), generator=generator)[: config.batch_size].to(texts.device)
         with torch.autocast(texts.device.type, dtype=torch.bfloat16, enabled=config.bf16):
             embedded = tower(images[batch].float())  # (B, E), normalised
-        logits = scale * texts[batch] @ embedded.float().T  # (B, B)
-        same = (codes[batch][:, None] == codes[batch][None, :]).float()
-        targets = same / same.sum(1, keepdim=True)  # identical texts share the probability
-        loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        loss = symmetric_info_nce(texts[batch], embedded.float(), codes[batch], scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -121,3 +118,14 @@ def fit_tower(
             elapsed = time.monotonic() - started
             print(f"tower fit: step {step} loss {losses[-1]:.3f} ({elapsed:.0f} s)", flush=True)
     return losses
+
+
+def symmetric_info_nce(
+    texts: torch.Tensor, images: torch.Tensor, codes: torch.Tensor, scale: float | torch.Tensor
+) -> torch.Tensor:
+    """InfoNCE both ways between a batch's (B, E) normalised text and image embeddings at `scale`; items
+    with equal `codes` (identical texts) share the target probability."""
+    logits = scale * texts @ images.T  # (B, B)
+    same = (codes[:, None] == codes[None, :]).float()
+    targets = same / same.sum(1, keepdim=True)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
