@@ -41,6 +41,13 @@ def _add_model_shape(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--patch-pool", type=int, default=2, help="average k x k neighbouring patches before the encoder"
     )
+    p.add_argument(
+        "--fusion-layer",
+        type=int,
+        default=None,
+        help="encoder layers below this one read text and image apart, so re-ranking can start from states "
+        "index bundles store (default 0: every layer joint, as the paper; with --init, the checkpoint's)",
+    )
     p.add_argument("--patch-mode", choices=["whole", "per_patch"], default="whole")
     p.add_argument("--grid", type=int, default=8, help="patches per side (default: %(default)s)")
     _add_colour(p)
@@ -88,7 +95,10 @@ def _model_and_patch_config(args: argparse.Namespace):
 
     patch_config = PatchFeatureConfig(mode=args.patch_mode, grid=args.grid, colour=args.colour)
     config = FashionBertConfig(
-        text_model=args.text_model, max_text_len=args.max_text_len, patch_pool=args.patch_pool
+        text_model=args.text_model,
+        max_text_len=args.max_text_len,
+        patch_pool=args.patch_pool,
+        fusion_layer=args.fusion_layer or 0,
     ).with_patch_features(patch_config)
     if args.tiny:
         config.bert = dict(TINY_BERT)
@@ -143,6 +153,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             from model.training import grow_colour_path
 
             model = grow_colour_path(model)
+        if args.fusion_layer is not None:  # a fine-tune may move where the two sides meet
+            model.config.fusion_layer = args.fusion_layer
+            model.check_fusion_layer()
         config = model.config
         patch_config = PatchFeatureConfig.from_dict(config.patch_features)
     else:

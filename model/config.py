@@ -47,6 +47,10 @@ class FashionBertConfig:
     # The patch network's config (PatchFeatureConfig as a dict), kept so serving extracts the same features.
     patch_features: dict[str, Any] = field(default_factory=dict)
     max_text_len: int = 48  # H&M descriptions: median 40 word pieces, p90 62
+    # Encoder layers below this one read text and patches apart (each side attends to itself only); the rest
+    # read them together. 0 is the paper's model (every layer joint). Above 0, a catalogue item's states
+    # below the fusion layer are computed once at index build, and re-ranking runs only the layers above.
+    fusion_layer: int = 0
     # One-modality recall embeddings (pooled, projected, L2-normalised).
     embed_dim: int = 256
     # Pre-training task settings (the paper's rates).

@@ -33,12 +33,13 @@ import logging
 import time
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 
 from model.catalogue import Catalogue
 from model.metrics import accuracy, mean_reciprocal_rank, rank_of_positive, recall_at_k, roc_auc
+from model.pair_states import PairStates
 from model.querybank import QueryBank, group_hashes
 from model.ranking import rerank_order
 
@@ -65,6 +66,16 @@ class Scorer(Protocol):
     def match(
         self, token_ids: Sequence[Sequence[int]], patch_features: np.ndarray, batch_size: int = ...
     ) -> np.ndarray: ...
+
+
+class FusedScorer(Scorer, Protocol):
+    """A scorer of a model with a fusion layer (`FashionBertInference`): pairs from each side's states."""
+
+    def text_states(self, token_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def image_states(self, patch_features: np.ndarray) -> np.ndarray: ...
+
+    def score_states(self, pairs: PairStates, batch_size: int = ...) -> np.ndarray: ...
 
 
 @dataclass
@@ -419,6 +430,16 @@ def _match_pairs(
 ) -> np.ndarray:
     """`match` logits of pairs (text of item text_index[i], image of item image_index[i]): (P,) float32.
     `tower_similarity` (P,), when given, replaces the pairs' tower cosine in the logit (see `match`)."""
+    if getattr(getattr(inference, "config", None), "fusion_layer", 0) > 0:
+        return _match_pairs_from_states(
+            cast(FusedScorer, inference),
+            token_ids,
+            patch_features,
+            text_index,
+            image_index,
+            batch_size,
+            tower_similarity,
+        )
     chunk = batch_size * _PAIR_CHUNK_BATCHES
     out = [np.zeros(0, dtype=np.float32)]
     for start in range(0, len(text_index), chunk):
@@ -431,6 +452,37 @@ def _match_pairs(
             np.asarray(inference.match(texts, patches, batch_size=batch_size, **given), dtype=np.float32)
         )
     return np.concatenate(out)
+
+
+def _match_pairs_from_states(
+    inference: FusedScorer,
+    token_ids: Mapping[int, Sequence[int]] | Sequence[Sequence[int]],
+    patch_features: np.ndarray,
+    text_index: np.ndarray,
+    image_index: np.ndarray,
+    batch_size: int,
+    tower_similarity: np.ndarray | None,
+) -> np.ndarray:
+    """`_match_pairs` for a model with a fusion layer, as the service scores: each item's sides through the
+    layers below it once, then every pair through the layers above (the same logits, to float16 rounding)."""
+    texts, text_rows = np.unique(text_index, return_inverse=True)
+    images, image_rows = np.unique(image_index, return_inverse=True)
+    text_ids = [token_ids[int(i)] for i in texts]
+    text_states, text_mask = inference.text_states(text_ids)
+    image_states = inference.image_states(patch_features[images])
+    if tower_similarity is None:  # the towers' cosine, as `match` computes it
+        text_embeddings = inference.encode_token_ids(text_ids)
+        image_embeddings = inference.encode_images(patch_features[images])
+        tower_similarity = np.einsum("pe,pe->p", text_embeddings[text_rows], image_embeddings[image_rows])
+    chunk = batch_size * _PAIR_CHUNK_BATCHES
+    out = [np.zeros(0, dtype=np.float32)]
+    for start in range(0, len(text_index), chunk):
+        t, i = text_rows[start : start + chunk], image_rows[start : start + chunk]
+        pairs = PairStates(
+            text_states[t], text_mask[t], image_states[i], tower_similarity[start : start + chunk]
+        )
+        out.append(inference.score_states(pairs, batch_size=batch_size))
+    return np.concatenate(out).astype(np.float32)
 
 
 def _served_tower_term(

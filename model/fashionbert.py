@@ -109,6 +109,13 @@ class FashionBert(nn.Module):
         # features barely tell beige from black (model/colour.py).
         self.image_colour_projection = colour_path(config.colour_dim, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(2.6593))  # log(1 / 0.07), as CLIP
+        self.check_fusion_layer()
+
+    def check_fusion_layer(self) -> None:
+        """At least the top layer must read text and image together, or nothing would cross-attend."""
+        layers = len(self.bert.encoder.layer)
+        if not 0 <= self.config.fusion_layer < layers:
+            raise ValueError(f"fusion_layer {self.config.fusion_layer} is not in [0, {layers - 1}]")
 
     @classmethod
     def from_pretrained_text_model(cls, config: FashionBertConfig) -> FashionBert:
@@ -123,11 +130,21 @@ class FashionBert(nn.Module):
     def _image_segment(self) -> torch.Tensor:
         return self.bert.embeddings.token_type_embeddings.weight[IMAGE_SEGMENT]
 
-    def _encode(self, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _encode(self, embeddings: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return self._layers(embeddings, attention_mask, 0, len(self.bert.encoder.layer))
+
+    def _layers(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, start: int, stop: int
+    ) -> torch.Tensor:
+        """Encoder layers `start`..`stop` - 1 over (B, L, H) states, with the (B, L) padding mask (None: none)."""
+        if start == stop:
+            return hidden
         mask = create_bidirectional_mask(
-            config=self.bert.config, inputs_embeds=embeddings, attention_mask=attention_mask
+            config=self.bert.config, inputs_embeds=hidden, attention_mask=attention_mask
         )
-        return self.bert.encoder(embeddings, attention_mask=mask).last_hidden_state
+        for layer in self.bert.encoder.layer[start:stop]:
+            hidden = layer(hidden, mask)
+        return hidden
 
     def pool_patches(self, patch_features: torch.Tensor) -> torch.Tensor:
         """The patch network's grid -> the coarser grid the encoder reads (see `patch_pool`). A grid already
@@ -136,15 +153,37 @@ class FashionBert(nn.Module):
             return patch_features
         return pool_patches(patch_features, self.config.patch_pool)
 
+    # The joint pass in two halves (`fusion_layer`): each side alone through the layers below the fusion
+    # layer, then both together. A catalogue item's side depends on nothing else, so index bundles store it
+    # and a query's re-rank pass runs only the layers from the fusion layer up.
+
+    def text_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """`[CLS] text [SEP]` through the layers below the fusion layer, attending to itself: (B, T, H)."""
+        text = self.bert.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
+        return self._layers(text, attention_mask, 0, self.config.fusion_layer)
+
+    def image_states(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) pooled patches through the layers below the fusion layer, attending to themselves:
+        (B, N, H)."""
+        image = self.patch_embeddings(patches, self._image_segment())
+        return self._layers(image, None, 0, self.config.fusion_layer)
+
+    def fuse(
+        self, text_states: torch.Tensor, attention_mask: torch.Tensor, image_states: torch.Tensor
+    ) -> torch.Tensor:
+        """Both sides' states through the layers from the fusion layer up, attending across: (B, T + N, H)."""
+        patch_mask = attention_mask.new_ones(image_states.shape[:2])
+        hidden = torch.cat([text_states, image_states.to(text_states.dtype)], dim=1)  # (B, T + N, H)
+        mask = torch.cat([attention_mask, patch_mask], dim=1)
+        return self._layers(hidden, mask, self.config.fusion_layer, len(self.bert.encoder.layer))
+
     def joint_hidden(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, patches: torch.Tensor
     ) -> torch.Tensor:
         """Encode `[CLS] text [SEP] patches`: (B, T) ids + (B, N, D) pooled patches -> (B, T + N, H)."""
-        text = self.bert.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
-        image = self.patch_embeddings(patches, self._image_segment())
-        patch_mask = attention_mask.new_ones(image.shape[:2])
-        hidden = torch.cat([text, image], dim=1)  # (B, T + N, H)
-        return self._encode(hidden, torch.cat([attention_mask, patch_mask], dim=1))
+        return self.fuse(
+            self.text_states(input_ids, attention_mask), attention_mask, self.image_states(patches)
+        )
 
     def alignment_head_logits(self, joint_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The joint pass's own part of the alignment logit: (B, T + N, H) and the (B, T) text mask -> (B,)."""

@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from model.checkpoint import WEIGHTS_FILE, load_checkpoint
 from model.fashionbert import FashionBert
 from model.files import sha256_file
+from model.pair_states import STATES_DTYPE, PairStates
 from model.patches import pool_grid
 
 logger = logging.getLogger(__name__)
@@ -164,6 +165,61 @@ class FashionBertInference:
             # The int8 copy takes fp32 activations (its kernels quantize them); autocast would hand it bf16.
             with autocast(self.device) if not self.int8_matching else contextlib.nullcontext():
                 logits = self.matcher.match(ids, mask, patches, tower_similarity=similarity)
+            out.append(logits.float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+    @torch.inference_mode()
+    def text_states(
+        self, token_ids: Sequence[Sequence[int]], batch_size: int = 256
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Texts' side of re-rank pairs: (n, T, H) states below the fusion layer, right-padded to the
+        longest text, and the (n, T) bool mask of real word pieces."""
+        length = max((len(ids) for ids in token_ids), default=0)
+        hidden = self.model.bert.config.hidden_size
+        states = np.zeros((len(token_ids), length, hidden), STATES_DTYPE)
+        for start in range(0, len(token_ids), batch_size):
+            ids, mask = self.pad(token_ids[start : start + batch_size])
+            with autocast(self.device):
+                chunk = self.model.text_states(ids, mask)
+            states[start : start + len(ids), : chunk.shape[1]] = chunk.float().cpu().numpy()
+        mask = np.zeros((len(token_ids), length), bool)
+        for row, ids in enumerate(token_ids):
+            mask[row, : len(ids)] = True
+        return states, mask
+
+    @torch.inference_mode()
+    def image_states(self, patch_features: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Images' side of re-rank pairs: (n, N, D) patch features (either grid) -> (n, N', H) states below
+        the fusion layer on the grid the encoder reads."""
+        out = []
+        for start in range(0, len(patch_features), batch_size):
+            patches = self.model.pool_patches(self._patches(patch_features[start : start + batch_size]))
+            with autocast(self.device):
+                out.append(self.model.image_states(patches).float().cpu().numpy().astype(STATES_DTYPE))
+        hidden = self.model.bert.config.hidden_size
+        empty = np.zeros((0, self.config.encoder_patches, hidden), STATES_DTYPE)
+        return np.concatenate(out) if out else empty
+
+    @torch.inference_mode()
+    def score_states(self, pairs: PairStates, batch_size: int = 128) -> np.ndarray:
+        """Cross-attention alignment logits of pairs given as side states: (n,) float32, what `match`
+        gives for the same pairs (to the states' float16 rounding) for the cost of the layers above the
+        fusion layer alone."""
+        out = []
+        # The int8 copy takes fp32 activations (its kernels quantize them); autocast would hand it bf16.
+        dtype = self.matcher.bert.embeddings.word_embeddings.weight.dtype
+        context = autocast(self.device) if not self.int8_matching else contextlib.nullcontext()
+        for start in range(0, len(pairs), batch_size):
+            rows = slice(start, start + batch_size)
+            longest = int(pairs.text_mask[rows].sum(1).max())  # a batch pads only to its own longest text
+            # Copies: the service hands read-only views (a query's side broadcast over its candidates).
+            mask = torch.tensor(pairs.text_mask[rows, :longest], dtype=torch.long, device=self.device)
+            text = torch.tensor(pairs.text[rows, :longest]).to(self.device, dtype)
+            image = torch.tensor(pairs.image[rows]).to(self.device, dtype)
+            similarity = torch.tensor(pairs.tower_similarity[rows], dtype=torch.float32)
+            with context:
+                hidden = self.matcher.fuse(text, mask, image)
+                logits = self.matcher.alignment_logits(hidden, mask, similarity.to(self.device))
             out.append(logits.float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
 

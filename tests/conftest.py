@@ -38,10 +38,7 @@ def hm_slice(shared_data: Path, feature_cache_dir: Path):
     return catalogue_features(catalogue, feature_cache_dir, PatchFeatureConfig(colour=True))
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A saved checkpoint of a tiny random FashionBERT (hidden 64, 2 layers, embed 32) with the real tokenizer,
-    reading `hm_slice`'s patch features (CNN + colour)."""
+def _save_tiny_checkpoint(out: Path, fusion_layer: int = 0) -> Path:
     import torch
     from transformers import AutoTokenizer
 
@@ -51,11 +48,23 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from model.patch_features import PatchFeatureConfig
 
     torch.manual_seed(0)
-    config = FashionBertConfig(bert=dict(TINY_BERT), embed_dim=32).with_patch_features(
-        PatchFeatureConfig(colour=True)  # 8 x 8 patches of 1280 + 256
-    )
+    config = FashionBertConfig(bert=dict(TINY_BERT), embed_dim=32, fusion_layer=fusion_layer)
+    config = config.with_patch_features(PatchFeatureConfig(colour=True))  # 8 x 8 patches of 1280 + 256
     tokenizer = AutoTokenizer.from_pretrained(resolve_text_model(DEFAULT_TEXT_MODEL))
-    return save_checkpoint(FashionBert(config), tokenizer, tmp_path_factory.mktemp("tiny") / "checkpoint", {})
+    return save_checkpoint(FashionBert(config), tokenizer, out, {})
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved checkpoint of a tiny random FashionBERT (hidden 64, 2 layers, embed 32) with the real tokenizer,
+    reading `hm_slice`'s patch features (CNN + colour)."""
+    return _save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "checkpoint")
+
+
+@pytest.fixture(scope="session")
+def fused_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """As `tiny_checkpoint`, with fusion layer 1: its first layer reads text and patches apart."""
+    return _save_tiny_checkpoint(tmp_path_factory.mktemp("fused") / "checkpoint", fusion_layer=1)
 
 
 @pytest.fixture(scope="session")
