@@ -6,6 +6,7 @@ Every job writes a complete new bundle into a staging folder and publishes it in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -35,6 +36,7 @@ from index.bundle import (
     MANIFEST,
     PATCH_CODEC,
     PATCH_CODES,
+    STATE_FILES,
     TEXT_INDEX,
     TEXT_OFFSETS,
     TOKEN_IDS,
@@ -78,6 +80,11 @@ class Encoder(Protocol):
 
     def encode_images(self, patch_features: np.ndarray, batch_size: int = ...) -> np.ndarray: ...
 
+    # Models with a fusion layer (config.fusion_layer > 0) only: each side's states below it.
+    def text_states(self, token_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def image_states(self, patch_features: np.ndarray) -> np.ndarray: ...
+
 
 @dataclass
 class JobReport:
@@ -109,6 +116,60 @@ class _Encoded:
     groups: list[str] = field(default_factory=list)
     catalogues: list[dict[str, Any]] = field(default_factory=list)
     rows: int = 0
+
+
+class _StateStreams:
+    """The new rows' side states below the model's fusion layer, streamed to raw files and wrapped as .npy
+    at the end like the patch codes (a catalogue's states need not fit in memory). For models with a
+    fusion layer only: without one, re-ranking reads token ids and patch codes alone."""
+
+    def __init__(self, staging: Path, encoder: Encoder) -> None:
+        self.staging = staging
+        self.max_len = encoder.config.max_text_len
+        self.patches = encoder.config.encoder_patches
+        self.fusion_layer = encoder.config.fusion_layer
+        self.hidden = 0  # read off the first states written
+        self._open = contextlib.ExitStack()
+        self.files = {
+            name: self._open.enter_context((staging / (name + ".part")).open("wb")) for name in STATE_FILES
+        }
+
+    @staticmethod
+    def wanted(encoder: Encoder) -> bool:
+        return getattr(encoder.config, "fusion_layer", 0) > 0
+
+    def copy_rows(self, bundle: Path) -> None:
+        """Start with an existing bundle's rows (adding items)."""
+        for name, out in self.files.items():
+            _copy_npy_rows(bundle / name, out)
+
+    def write(self, encoder: Encoder, token_ids: Sequence[Sequence[int]], pooled_patches: np.ndarray) -> None:
+        text, _ = encoder.text_states(token_ids)  # (n, T, H), T the chunk's longest text
+        text = np.pad(text, ((0, 0), (0, self.max_len - text.shape[1]), (0, 0)))
+        self.hidden = text.shape[-1]
+        self.files[STATE_FILES[0]].write(np.ascontiguousarray(text, np.float16).tobytes())
+        image = encoder.image_states(pooled_patches)  # (n, N, H)
+        self.files[STATE_FILES[1]].write(np.ascontiguousarray(image, np.float16).tobytes())
+
+    def finish(self, rows: int, hidden: int | None = None) -> dict[str, Any]:
+        """Wrap the raw files as .npy of `rows` rows; the manifest's `states` section."""
+        hidden = hidden or self.hidden
+        shapes = ((rows, self.max_len, hidden), (rows, self.patches, hidden))
+        self.close()
+        for name, shape in zip(self.files, shapes, strict=True):
+            _write_npy_from_raw(
+                self.staging / (name + ".part"), self.staging / name, np.dtype(np.float16), shape
+            )
+        return {
+            "fusion_layer": self.fusion_layer,
+            "hidden": hidden,
+            "dtype": "float16",
+            "text": STATE_FILES[0],
+            "image": STATE_FILES[1],
+        }
+
+    def close(self) -> None:
+        self._open.close()
 
 
 def _now() -> str:
@@ -173,6 +234,7 @@ class _EncodePass:
     config: IndexConfig
     report: JobReport
     progress: bool
+    states: _StateStreams | None = None
 
 
 def _encode_texts(encoder: Encoder, token_ids: Sequence[Sequence[int]], batch_size: int) -> np.ndarray:
@@ -247,8 +309,12 @@ def _encode(
                 encoded.token_ids.append(padded)
                 encoded.token_lengths.append(lengths)
                 encoded.groups.extend(item.group for item in kept.items)
-                codes_out.write(encode_patches(job.codec, pool_grid(features, job.pool)).tobytes())
+                pooled = pool_grid(features, job.pool)
+                codes_out.write(encode_patches(job.codec, pooled).tobytes())
                 t = timed("patch_codes", t)
+                if job.states is not None:
+                    job.states.write(encoder, token_ids, pooled)
+                    t = timed("states", t)
 
                 metadata.insert_items(db, row, kept.items, catalogue.source)
                 row += len(kept)
@@ -398,9 +464,14 @@ def build_bundle(
 
         db = metadata.create_items_db(staging / ITEMS_DB)
         raw_codes = staging / (PATCH_CODES + ".part")
-        with open(raw_codes, "wb") as codes_out:
-            job = _EncodePass(encoder, patch_features, codec, pool, config, report, progress)
-            encoded = _encode(job, catalogues, codes_out, db, first_row=0, known_ids=set())
+        states = _StateStreams(staging, encoder) if _StateStreams.wanted(encoder) else None
+        try:
+            with open(raw_codes, "wb") as codes_out:
+                job = _EncodePass(encoder, patch_features, codec, pool, config, report, progress, states)
+                encoded = _encode(job, catalogues, codes_out, db, first_row=0, known_ids=set())
+        finally:
+            if states is not None:
+                states.close()
         db.commit()
         db.close()
         if not encoded.rows:
@@ -433,6 +504,7 @@ def build_bundle(
         _write_npy_from_raw(raw_codes, staging / PATCH_CODES, np.dtype(np.uint8), code_shape)
         np.save(staging / TOKEN_IDS, np.concatenate(encoded.token_ids), allow_pickle=False)
         np.save(staging / TOKEN_LENGTHS, np.concatenate(encoded.token_lengths), allow_pickle=False)
+        states_section = states.finish(encoded.rows) if states is not None else None
 
         report.seconds = time.perf_counter() - started
         manifest = {
@@ -489,6 +561,8 @@ def build_bundle(
         }
         if querybank_section is not None:
             manifest["querybank"] = querybank_section
+        if states_section is not None:
+            manifest["states"] = states_section
         _write_manifest(staging, manifest)
         report.stages["write"] = time.perf_counter() - t
         publish(staging, out)
@@ -536,12 +610,19 @@ def add_to_bundle(
             codec = faiss.read_index(str(path / PATCH_CODEC))
             db = sqlite3.connect(staging / ITEMS_DB)
             raw_codes = staging / (PATCH_CODES + ".part")
-            with open(raw_codes, "wb") as codes_out:
-                _copy_npy_rows(path / PATCH_CODES, codes_out)
-                # The bundle's stored grid decides the pooling (bundles before pooling kept every patch).
-                pool = math.isqrt(encoder.config.num_patches // stored_patches(manifest))
-                job = _EncodePass(encoder, patch_features, codec, pool, config, report, progress)
-                encoded = _encode(job, catalogues, codes_out, db, old_rows, metadata.live_ids(db))
+            states = _StateStreams(staging, encoder) if "states" in manifest else None
+            try:
+                with open(raw_codes, "wb") as codes_out:
+                    _copy_npy_rows(path / PATCH_CODES, codes_out)
+                    if states is not None:
+                        states.copy_rows(path)
+                    # The bundle's stored grid decides the pooling (bundles before pooling kept every patch).
+                    pool = math.isqrt(encoder.config.num_patches // stored_patches(manifest))
+                    job = _EncodePass(encoder, patch_features, codec, pool, config, report, progress, states)
+                    encoded = _encode(job, catalogues, codes_out, db, old_rows, metadata.live_ids(db))
+            finally:
+                if states is not None:
+                    states.close()
             db.commit()
             db.close()
             report.added = encoded.rows
@@ -589,6 +670,8 @@ def add_to_bundle(
             for name, new in ((TOKEN_IDS, encoded.token_ids), (TOKEN_LENGTHS, encoded.token_lengths)):
                 old = np.load(path / name, allow_pickle=False)
                 np.save(staging / name, np.concatenate([old, *new]), allow_pickle=False)
+            if states is not None:
+                states.finish(report.rows, hidden=int(manifest["states"]["hidden"]))
 
             counts = manifest["counts"]
             manifest["counts"] = _counts(

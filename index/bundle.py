@@ -8,6 +8,9 @@
                          (pooled, `patches_per_item` in the manifest), memory-mapped
     token_ids.npy        (rows, T) uint16/int32 word-piece ids, right-padded; token_lengths.npy (rows,)
     items.sqlite         metadata, row = faiss id, with the `removed` flag
+    text_states.npy      models with a fusion layer only (`FashionBertConfig.fusion_layer`): (rows, T, H)
+                         float16 states of each item's text below the fusion layer, right-padded, and
+    image_states.npy     (rows, N, H) of its patches: re-ranking starts from them, memory-mapped
     image_offsets.npy    (rows,) float32 querybank offsets of the image index's rows, text_offsets.npy the
                          same for the text index: recall ranks by inner product minus the offset
                          (`model.querybank`; bundles without a `querybank` manifest section have none)
@@ -48,6 +51,8 @@ FILES = (IMAGE_INDEX, TEXT_INDEX, PATCH_CODEC, PATCH_CODES, TOKEN_IDS, TOKEN_LEN
 IMAGE_OFFSETS, TEXT_OFFSETS = "image_offsets.npy", "text_offsets.npy"
 BANK_TEXTS, BANK_IMAGES, BANK_GROUPS = "querybank_texts.npy", "querybank_images.npy", "querybank_groups.npy"
 QUERYBANK_FILES = (IMAGE_OFFSETS, TEXT_OFFSETS, BANK_TEXTS, BANK_IMAGES, BANK_GROUPS)
+TEXT_STATES, IMAGE_STATES = "text_states.npy", "image_states.npy"
+STATE_FILES = (TEXT_STATES, IMAGE_STATES)
 
 
 class BundleError(ValueError):
@@ -56,7 +61,11 @@ class BundleError(ValueError):
 
 def bundle_files(manifest: Mapping[str, Any]) -> tuple[str, ...]:
     """The files a bundle with this manifest must hold."""
-    return FILES + (QUERYBANK_FILES if "querybank" in manifest else ())
+    return (
+        FILES
+        + (QUERYBANK_FILES if "querybank" in manifest else ())
+        + (STATE_FILES if "states" in manifest else ())
+    )
 
 
 def file_entries(folder: Path, names: Sequence[str] = FILES) -> dict[str, dict[str, Any]]:
@@ -187,6 +196,17 @@ class Bundle:
         if "querybank" in manifest:
             self.image_offsets = _load_array(path / IMAGE_OFFSETS, (self.rows,))
             self.text_offsets = _load_array(path / TEXT_OFFSETS, (self.rows,))
+        # Side states below the model's fusion layer (None in bundles of models without one).
+        self.stores_states = "states" in manifest
+        self._text_states = self._image_states = None
+        if self.stores_states:
+            hidden = int(manifest["states"]["hidden"])
+            shapes = {
+                TEXT_STATES: (self.rows, max_len, hidden),
+                IMAGE_STATES: (self.rows, self.patches_per_item, hidden),
+            }
+            self._text_states = _load_array(path / TEXT_STATES, shapes[TEXT_STATES], mmap=True)
+            self._image_states = _load_array(path / IMAGE_STATES, shapes[IMAGE_STATES], mmap=True)
 
     @classmethod
     def open(
@@ -268,6 +288,21 @@ class Bundle:
         """The items' word-piece ids ([CLS] ... [SEP]) as the model tokenized their text at build time."""
         rows = self._check_rows(rows)
         return [self._token_ids[r, : self._token_lengths[r]].tolist() for r in rows]
+
+    def text_states(self, rows: np.ndarray | Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The items' text states below the fusion layer, (n, T, H) float16 with T the longest of these
+        texts, and the (n, T) bool mask of their word pieces; only in bundles that store states."""
+        assert self._text_states is not None, "this bundle stores no states: its model has no fusion layer"
+        rows = self._check_rows(rows)
+        lengths = self._token_lengths[rows].astype(np.int64)
+        longest = int(lengths.max(initial=0))
+        mask = np.arange(longest) < lengths[:, None]
+        return np.asarray(self._text_states[rows, :longest]), mask
+
+    def image_states(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
+        """The items' patch states below the fusion layer: (n, N, H) float16."""
+        assert self._image_states is not None, "this bundle stores no states: its model has no fusion layer"
+        return np.asarray(self._image_states[self._check_rows(rows)])
 
     # -- metadata ------------------------------------------------------------------------------------
 
