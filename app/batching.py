@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -21,29 +22,36 @@ from app.model_lane import ModelLaneExhausted
 
 logger = logging.getLogger(__name__)
 
-# (token_ids, patch_features (n, N, D), tower similarity (n,)) -> (n,) logits
-ScoreFn = Callable[[list[list[int]], np.ndarray, np.ndarray], np.ndarray]
+
+class Pairs(Protocol):
+    """A request's re-rank pairs (`model.inference.PairStates`): a length, and nothing else the batcher reads."""
+
+    def __len__(self) -> int: ...
+
+
+P = TypeVar("P", bound=Pairs)
+ScoreFn = Callable[[P], np.ndarray]  # pairs -> (n,) logits
+ConcatFn = Callable[[Sequence[P]], P]  # several requests' pairs -> one batch (raises if they cannot join)
 BatchObserver = Callable[[int, int, float], None]  # (pairs, requests, compute seconds)
 RunFn = Callable[..., Awaitable[np.ndarray]]  # run(score_fn, *args) off the event loop
 
 
 @dataclass
-class _Pending:
-    token_ids: Sequence[Sequence[int]]
-    patch_features: np.ndarray  # (n, N, D)
-    tower_similarity: np.ndarray  # (n,)
+class _Pending(Generic[P]):
+    pairs: P
     future: asyncio.Future[np.ndarray] = field(repr=False)
 
     def __len__(self) -> int:
-        return len(self.token_ids)
+        return len(self.pairs)
 
 
-class MicroBatcher:
+class MicroBatcher(Generic[P]):
     """Collects `score` calls from concurrent requests and answers each with its slice of one batch."""
 
     def __init__(
         self,
-        score_fn: ScoreFn,
+        score_fn: ScoreFn[P],
+        concat: ConcatFn[P],
         run: RunFn | None = None,
         window_s: float = 0.002,
         max_batch_pairs: int = 256,
@@ -54,14 +62,15 @@ class MicroBatcher:
         with at most one `score` call pending); None: always wait the window."""
         assert max_batch_pairs >= 1, "a batch must hold at least one pair"
         self.score_fn = score_fn
+        self.concat = concat
         self.run = run or asyncio.to_thread
         self.window_s = window_s
         self.max_batch_pairs = max_batch_pairs
         self.on_batch = on_batch
         self.in_flight = in_flight
-        self._queue: asyncio.Queue[_Pending] | None = None
+        self._queue: asyncio.Queue[_Pending[P]] | None = None
         self._worker: asyncio.Task[None] | None = None
-        self._carry: _Pending | None = None  # a request that did not fit the last batch starts the next
+        self._carry: _Pending[P] | None = None  # a request that did not fit the last batch starts the next
 
     @property
     def queued(self) -> int:
@@ -87,22 +96,18 @@ class MicroBatcher:
             if not item.future.done():
                 item.future.set_exception(RuntimeError("the re-ranker shut down"))
 
-    async def score(
-        self, token_ids: Sequence[Sequence[int]], patch_features: np.ndarray, tower_similarity: np.ndarray
-    ) -> np.ndarray:
-        """Cross-encoder logits of the pairs (token_ids[i], patch_features[i]) whose towers' cosine is
-        tower_similarity[i]: (n,) float32."""
-        assert len(token_ids) == len(patch_features) == len(tower_similarity), "one text per image"
-        if len(token_ids) == 0:
+    async def score(self, pairs: P) -> np.ndarray:
+        """Cross-encoder logits of a request's pairs: (n,) float32."""
+        if len(pairs) == 0:
             return np.zeros((0,), np.float32)
         if self._queue is None:
             self.start()
         assert self._queue is not None
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(token_ids, patch_features, np.asarray(tower_similarity), future))
+        self._queue.put_nowait(_Pending(pairs, future))
         return await future
 
-    async def _next_batch(self) -> list[_Pending]:
+    async def _next_batch(self) -> list[_Pending[P]]:
         assert self._queue is not None
         first = self._carry if self._carry is not None else await self._queue.get()
         self._carry = None
@@ -131,17 +136,11 @@ class MicroBatcher:
             batch = [item for item in await self._next_batch() if not item.future.done()]  # drop cancelled
             if not batch:
                 continue
-            token_ids = [list(ids) for item in batch for ids in item.token_ids]
             start = time.perf_counter()
             try:
                 # Inside the try: requests whose arrays cannot be joined are scored one by one too.
-                patch_features = (
-                    batch[0].patch_features
-                    if len(batch) == 1
-                    else np.concatenate([item.patch_features for item in batch])  # (sum n, N, D)
-                )
-                similarity = np.concatenate([item.tower_similarity for item in batch])
-                scores = await self.run(self.score_fn, token_ids, patch_features, similarity)
+                pairs = self.concat([item.pairs for item in batch])
+                scores = await self.run(self.score_fn, pairs)
             except asyncio.CancelledError:  # shutting down: nobody will answer these requests
                 for item in batch:
                     if not item.future.done():
@@ -153,32 +152,25 @@ class MicroBatcher:
                         item.future.set_exception(error)
                 continue
             except Exception:  # one bad request fails itself, not its batch-mates nor the batcher
-                logger.exception(
-                    "re-rank batch of %d pairs failed; scoring its requests one by one", len(token_ids)
-                )
+                logger.exception("re-rank batch of %d requests failed; scoring them one by one", len(batch))
                 await self._score_alone(batch)
                 continue
             if self.on_batch is not None:
-                self.on_batch(len(token_ids), len(batch), time.perf_counter() - start)
+                self.on_batch(len(pairs), len(batch), time.perf_counter() - start)
             offset = 0
             for item in batch:
                 if not item.future.done():
                     item.future.set_result(scores[offset : offset + len(item)])
                 offset += len(item)
 
-    async def _score_alone(self, batch: list[_Pending]) -> None:
+    async def _score_alone(self, batch: list[_Pending[P]]) -> None:
         """After a failed batch, score each request by itself so only the one that fails gets the error."""
         for item in batch:
             if item.future.done():
                 continue
             start = time.perf_counter()
             try:
-                scores = await self.run(
-                    self.score_fn,
-                    [list(ids) for ids in item.token_ids],
-                    item.patch_features,
-                    item.tower_similarity,
-                )
+                scores = await self.run(self.score_fn, item.pairs)
             except asyncio.CancelledError:
                 for waiting in batch:
                     if not waiting.future.done():

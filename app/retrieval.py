@@ -28,6 +28,7 @@ from app.metrics import Metrics
 from app.model_lane import ModelLane, ModelLaneExhausted
 from app.settings import Settings
 from model.evaluation import Scorer
+from model.pair_states import PairStates
 from model.ranking import rerank_order
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,13 @@ class SearchBundle(Protocol):
     def patch_features(self, rows: np.ndarray) -> np.ndarray: ...
 
     def token_ids(self, rows: np.ndarray) -> list[list[int]]: ...
+
+    # Bundles of models with a fusion layer store each item's side states below it (`stores_states`).
+    stores_states: bool
+
+    def text_states(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def image_states(self, rows: np.ndarray) -> np.ndarray: ...
 
     def items(self, rows: np.ndarray) -> list[dict[str, Any]]: ...
 
@@ -81,6 +89,18 @@ class Matcher(Scorer, Protocol):
 
     def pool_patches(self, patch_features: np.ndarray) -> np.ndarray:
         """The patch network's grid -> the grid the encoder reads, as bundles store it."""
+        ...
+
+    def text_states(self, token_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Texts' side of re-rank pairs: (n, T, H) states below the fusion layer and the (n, T) mask."""
+        ...
+
+    def image_states(self, patch_features: np.ndarray) -> np.ndarray:
+        """Images' side of re-rank pairs: (n, N, H) states below the fusion layer."""
+        ...
+
+    def score_states(self, pairs: PairStates) -> np.ndarray:
+        """Cross-encoder logits of pairs given as side states: (n,)."""
         ...
 
 
@@ -168,7 +188,8 @@ class SearchService:
         self.model_lane = ModelLane(settings.model_call_timeout_s, settings.max_abandoned_model_calls)
         self.metrics.model_calls_abandoned.set_function(lambda: self.model_lane.abandoned)
         self.batcher = MicroBatcher(
-            self._match,
+            self.inference.score_states,
+            PairStates.concat,
             run=self.model_lane.run,
             window_s=settings.batch_window_ms / 1000.0,
             max_batch_pairs=settings.max_batch_pairs,
@@ -325,8 +346,8 @@ class SearchService:
             raise ApiError(503, "stage_failed", f"the {name} stage failed; retry shortly") from error
 
     async def _encode(self, modality: Modality, query: str | bytes | Image.Image) -> tuple[Any, np.ndarray]:
-        """The query's side of every re-rank pair (token ids, or (1, N, D) patch features) and its (1, E)
-        embedding."""
+        """The query's side of every re-rank pair (its states below the fusion layer: text states and
+        mask, or patch states) and its (1, E) embedding."""
         if modality == "text":
             return await self._stage("encode", self._in_model_thread(self._encode_text, query))
         # Decoding is CPU work too: off the event loop, not on the model's thread.
@@ -338,14 +359,14 @@ class SearchService:
             )
         return await self._stage("encode", self._in_model_thread(self._encode_image, query))
 
-    def _encode_text(self, query: str) -> tuple[list[int], np.ndarray]:
+    def _encode_text(self, query: str) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
         token_ids = self.inference.tokenize([query])  # truncated to the model's text length
-        return token_ids[0], self.inference.encode_token_ids(token_ids)  # (1, E)
+        return self.inference.text_states(token_ids), self.inference.encode_token_ids(token_ids)  # (1, E)
 
     def _encode_image(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
         # Pooled like the bundle's grids, so image and text queries' pairs batch together.
         patch_features = self.inference.pool_patches(self.extractor.extract([image]))  # (1, N, D)
-        return patch_features, self.inference.encode_images(patch_features)  # (1, E)
+        return self.inference.image_states(patch_features), self.inference.encode_images(patch_features)
 
     def _recall(
         self, bundle: SearchBundle, search: Any, embedding: np.ndarray, options: SearchOptions
@@ -376,21 +397,35 @@ class SearchService:
         """Cross-encoder logits for the best `rerank_k` candidates, in recall order.
 
         The logit's tower term is the recall score itself (the same cosine, from the index), so no
-        candidate goes through a tower again: an image query's candidate texts are never re-embedded."""
+        candidate goes through a tower again: an image query's candidate texts are never re-embedded.
+        Candidates' sides come from the bundle's stored states where it has them (a model with a fusion
+        layer: the pass then runs only the layers above it), else from their tokens and patch codes."""
         count = min(options.rerank_k, len(rows)) if options.rerank else 0
         scores = []
-        # Chunks of one batch each keep a brute-force request's patch features from all sitting in memory.
+        # Chunks of one batch each keep a brute-force request's candidates from all sitting in memory.
         for start in range(0, count, self.settings.max_batch_pairs):
             stop = min(count, start + self.settings.max_batch_pairs)
             chunk, similarity = rows[start:stop], recall_scores[start:stop]
             if modality == "text":  # (query text, candidate image)
-                token_ids: Sequence[Sequence[int]] = [query_side] * len(chunk)
-                patch_features = await asyncio.to_thread(bundle.patch_features, chunk)  # (n, N, D)
+                text, mask = (np.broadcast_to(a, (len(chunk), *a.shape[1:])) for a in query_side)
+                image = await self._candidate_images(bundle, chunk)
             else:  # (candidate text, query image)
-                token_ids = await asyncio.to_thread(bundle.token_ids, chunk)
-                patch_features = np.broadcast_to(query_side, (len(chunk), *query_side.shape[1:]))
-            scores.append(await self.batcher.score(token_ids, patch_features, similarity))
+                text, mask = await self._candidate_texts(bundle, chunk)
+                image = np.broadcast_to(query_side, (len(chunk), *query_side.shape[1:]))
+            scores.append(await self.batcher.score(PairStates(text, mask, image, similarity)))
         return np.concatenate(scores) if scores else np.zeros(0, np.float32)
+
+    async def _candidate_images(self, bundle: SearchBundle, rows: np.ndarray) -> np.ndarray:
+        if bundle.stores_states:
+            return await asyncio.to_thread(bundle.image_states, rows)
+        patch_features = await asyncio.to_thread(bundle.patch_features, rows)  # (n, N, D)
+        return await self._in_model_thread(self.inference.image_states, patch_features)
+
+    async def _candidate_texts(self, bundle: SearchBundle, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if bundle.stores_states:
+            return await asyncio.to_thread(bundle.text_states, rows)
+        token_ids = await asyncio.to_thread(bundle.token_ids, rows)
+        return await self._in_model_thread(self.inference.text_states, token_ids)
 
     def _outcome(
         self,
@@ -430,11 +465,6 @@ class SearchService:
 
     def _open_bundle(self, path: Path) -> SearchBundle:
         return open_bundle(path, self.inference.fingerprint, self.settings.verify_checksums)
-
-    def _match(
-        self, token_ids: list[list[int]], patch_features: np.ndarray, tower_similarity: np.ndarray
-    ) -> np.ndarray:
-        return self.inference.match(token_ids, patch_features, tower_similarity=tower_similarity)
 
     def _observe_batch(self, pairs: int, requests: int, seconds: float) -> None:
         self.metrics.rerank_batch_pairs.observe(pairs)

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from model.pair_states import PairStates
+
 EMBED_DIM = 16
 NUM_PATCHES = 4
 MAX_TEXT_LEN = 12
@@ -62,6 +64,20 @@ class FakeInference:
             tower_similarity = (text * image).sum(axis=1)
         return (10.0 * np.asarray(tower_similarity)).astype(np.float32)
 
+    # A fused model's halves: the fake's logit reads the tower term alone, so the states only carry shape.
+    def text_states(self, token_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        length = max((len(ids) for ids in token_ids), default=0)
+        mask = np.array([[i < len(ids) for i in range(length)] for ids in token_ids], bool)
+        return np.zeros((len(token_ids), length, 1), np.float16), mask.reshape(len(token_ids), length)
+
+    def image_states(self, patch_features: np.ndarray) -> np.ndarray:
+        return np.zeros((len(patch_features), NUM_PATCHES, 1), np.float16)
+
+    def score_states(self, pairs: PairStates) -> np.ndarray:
+        assert len(pairs.text) == len(pairs.text_mask) == len(pairs.image) == len(pairs)
+        self.match_calls.append(len(pairs))
+        return (10.0 * np.asarray(pairs.tower_similarity)).astype(np.float32)
+
 
 class FakeExtractor:
     """An image's patches: its mean colour spread over the first three dimensions."""
@@ -82,6 +98,7 @@ class FakeBundle:
         self._token_ids = model.tokenize([item["text"] for item in items])
         self._embeddings = model.encode_token_ids(self._token_ids)  # text and image share a space here
         self.size = len(items)
+        self.stores_states = False
 
     def _search(
         self, queries: np.ndarray, k: int, nprobe: int | None = None, rows: np.ndarray | None = None
