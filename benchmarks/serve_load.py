@@ -230,8 +230,10 @@ def bf16_matmul_tflops(size: int = 2048, seconds: float = 3.0) -> float:
 
 
 def flops_per_pair(model_dir: str, text_tokens: float) -> float:
-    """Forward FLOPs of re-ranking one (text, image) pair (matmuls only): the joint pass over text and
-    pooled patches, all the re-rank computes (its tower term is the recall score)."""
+    """Forward FLOPs of re-ranking one (text, image) pair (matmuls only): the layers from the fusion layer up
+    over text and pooled patches, all the re-rank computes (its tower term is the recall score; below a
+    fusion layer the bundle stores the candidates' states), plus, without one, each candidate's patch
+    projection."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
     bert = config["bert"]
     hidden, layers = bert["hidden_size"], bert["num_hidden_layers"]
@@ -239,7 +241,9 @@ def flops_per_pair(model_dir: str, text_tokens: float) -> float:
     patches = config["num_patches"] // config.get("patch_pool", 1) ** 2
     tokens = text_tokens + patches
     per_layer = tokens * (8 * hidden**2 + 4 * hidden * intermediate) + 4 * tokens**2 * hidden
-    return layers * per_layer + 2 * patches * config["patch_feature_dim"] * hidden
+    fusion_layer = config.get("fusion_layer", 0)
+    projection = 2 * patches * config["patch_feature_dim"] * hidden if fusion_layer == 0 else 0
+    return (layers - fusion_layer) * per_layer + projection
 
 
 def mean_tokens(model_dir: str, texts: Sequence[str]) -> float:
