@@ -346,8 +346,8 @@ class SearchService:
             raise ApiError(503, "stage_failed", f"the {name} stage failed; retry shortly") from error
 
     async def _encode(self, modality: Modality, query: str | bytes | Image.Image) -> tuple[Any, np.ndarray]:
-        """The query's side of every re-rank pair (its states below the fusion layer: text states and
-        mask, or patch states) and its (1, E) embedding."""
+        """The query's side of every re-rank pair (token ids, or (1, N, D) patch features) and its (1, E)
+        embedding."""
         if modality == "text":
             return await self._stage("encode", self._in_model_thread(self._encode_text, query))
         # Decoding is CPU work too: off the event loop, not on the model's thread.
@@ -359,14 +359,14 @@ class SearchService:
             )
         return await self._stage("encode", self._in_model_thread(self._encode_image, query))
 
-    def _encode_text(self, query: str) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
+    def _encode_text(self, query: str) -> tuple[list[int], np.ndarray]:
         token_ids = self.inference.tokenize([query])  # truncated to the model's text length
-        return self.inference.text_states(token_ids), self.inference.encode_token_ids(token_ids)  # (1, E)
+        return token_ids[0], self.inference.encode_token_ids(token_ids)  # (1, E)
 
     def _encode_image(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
         # Pooled like the bundle's grids, so image and text queries' pairs batch together.
         patch_features = self.inference.pool_patches(self.extractor.extract([image]))  # (1, N, D)
-        return self.inference.image_states(patch_features), self.inference.encode_images(patch_features)
+        return patch_features, self.inference.encode_images(patch_features)  # (1, E)
 
     def _recall(
         self, bundle: SearchBundle, search: Any, embedding: np.ndarray, options: SearchOptions
@@ -401,17 +401,24 @@ class SearchService:
         Candidates' sides come from the bundle's stored states where it has them (a model with a fusion
         layer: the pass then runs only the layers above it), else from their tokens and patch codes."""
         count = min(options.rerank_k, len(rows)) if options.rerank else 0
+        if count == 0:
+            return np.zeros(0, np.float32)
+        # The query's own side below the fusion layer, once for all its candidates.
+        if modality == "text":
+            query_states = await self._in_model_thread(self.inference.text_states, [query_side])
+        else:
+            query_states = await self._in_model_thread(self.inference.image_states, query_side)
         scores = []
         # Chunks of one batch each keep a brute-force request's candidates from all sitting in memory.
         for start in range(0, count, self.settings.max_batch_pairs):
             stop = min(count, start + self.settings.max_batch_pairs)
             chunk, similarity = rows[start:stop], recall_scores[start:stop]
             if modality == "text":  # (query text, candidate image)
-                text, mask = (np.broadcast_to(a, (len(chunk), *a.shape[1:])) for a in query_side)
+                text, mask = (np.broadcast_to(a, (len(chunk), *a.shape[1:])) for a in query_states)
                 image = await self._candidate_images(bundle, chunk)
             else:  # (candidate text, query image)
                 text, mask = await self._candidate_texts(bundle, chunk)
-                image = np.broadcast_to(query_side, (len(chunk), *query_side.shape[1:]))
+                image = np.broadcast_to(query_states, (len(chunk), *query_states.shape[1:]))
             scores.append(await self.batcher.score(PairStates(text, mask, image, similarity)))
         return np.concatenate(scores) if scores else np.zeros(0, np.float32)
 
