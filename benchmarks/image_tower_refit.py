@@ -92,7 +92,16 @@ def fit(
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed
     )
     codes_t = torch.from_numpy(codes)
-    fit_tower(tower, tower.parameters(), torch.from_numpy(patches), texts, codes_t, args.scale, config, 200)
+    images = torch.from_numpy(patches)
+    fit_tower(
+        lambda batch: tower(images[batch].float()),
+        tower.parameters(),
+        texts,
+        codes_t,
+        args.scale,
+        config,
+        200,
+    )
 
 
 @torch.no_grad()

@@ -32,8 +32,7 @@ from model.evaluation import draw_queries, text_codes
 from model.fashionbert import colour_path
 from model.inference import FashionBertInference
 from model.patch_features import PatchFeatureConfig, PatchFeatureExtractor, get_backbone
-from model.tower_fit import symmetric_info_nce
-from model.training import warmup_cosine
+from model.tower_fit import TowerFitConfig, fit_tower
 
 
 class TunedTower(nn.Module):
@@ -184,29 +183,18 @@ def main() -> None:
             images = tower.embed(pooled, val_colour).float().numpy()
         return gallery_recalls(images, val_texts, val_codes, queries)
 
-    groups = [{"params": head_params, "lr": args.lr, "base": args.lr, "weight_decay": 0.05}]
+    def embed(batch: torch.Tensor) -> torch.Tensor:
+        tower.train()  # `gallery` leaves it in eval mode
+        pooled = train_pooled[batch] if frozen else tower.pooled(train_maps[batch].float())
+        return tower.embed(pooled, train_colour[batch])
+
+    groups = [{"params": head_params, "lr": args.lr, "weight_decay": 0.05}]
     if not frozen:
-        groups.append(
-            {"params": tower.cnn_parameters(), "lr": args.cnn_lr, "base": args.cnn_lr, "weight_decay": 0.0}
-        )
-    optimizer = torch.optim.AdamW(groups)
-    generator = torch.Generator().manual_seed(args.seed)
-    started = time.monotonic()
-    for step in range(1, args.steps + 1):
-        tower.train()
-        for group in optimizer.param_groups:
-            group["lr"] = group["base"] * warmup_cosine(step - 1, 20, args.steps)
-        batch = torch.randperm(len(train_texts), generator=generator)[: args.batch_size]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            pooled = train_pooled[batch] if frozen else tower.pooled(train_maps[batch].float())
-            embedded = tower.embed(pooled, train_colour[batch])
-        loss = symmetric_info_nce(train_texts[batch], embedded, train_codes[batch], args.scale)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % args.eval_every == 0 or step == args.steps:
-            elapsed = time.monotonic() - started
-            print(f"step {step} loss {loss.item():.3f} ({elapsed:.0f} s): {gallery()}", flush=True)
+        groups.append({"params": tower.cnn_parameters(), "lr": args.cnn_lr, "weight_decay": 0.0})
+    config = TowerFitConfig(
+        steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed
+    )
+    fit_tower(embed, groups, train_texts, train_codes, args.scale, config, args.eval_every, report=gallery)
 
 
 if __name__ == "__main__":

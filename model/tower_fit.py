@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,10 +72,10 @@ def fit_image_tower(
     scale = model.logit_scale.detach().exp().clamp(max=100)  # the temperature the towers trained at
     was_training = model.training
     model.train()
+    pooled = pooled.to(device)
     losses = fit_tower(
-        model.encode_image,
+        lambda batch: model.encode_image(pooled[batch]),
         params,
-        pooled.to(device),
         torch.from_numpy(np.ascontiguousarray(text_embeddings, dtype=np.float32)).to(device),
         torch.from_numpy(np.asarray(text_codes)).to(device),
         scale,
@@ -87,36 +88,41 @@ def fit_image_tower(
 
 
 def fit_tower(
-    tower: Callable[[torch.Tensor], torch.Tensor],
-    params: Iterable[nn.Parameter],
-    images: torch.Tensor,
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    params: Iterable[nn.Parameter] | Iterable[dict[str, Any]],
     texts: torch.Tensor,
     codes: torch.Tensor,
     scale: float | torch.Tensor,
     config: TowerFitConfig,
     log_every: int = 100,
+    report: Callable[[], str] | None = None,
 ) -> list[float]:
-    """Train `params` so that `tower(images[i])` (L2-normalised embeddings) finds `texts[i]`: symmetric
-    InfoNCE at `scale`, items with equal `codes` sharing the probability. `images` may be float16 (read a
-    batch at a time). Returns the loss of every step. Also serves `benchmarks/image_tower_refit.py`'s towers."""
+    """Train `params` so that `embed(batch)`, the (B, E) L2-normalised image embeddings of the items at the
+    (B,) indices `batch`, finds `texts[batch]`: symmetric InfoNCE at `scale`, items with equal `codes`
+    sharing the probability. `params` may be parameter groups with their own "lr" and "weight_decay", each
+    scheduled from its own lr; `report()`, when given, is appended to every log line (a validation figure).
+    Returns the loss of every step. Also serves the towers of `benchmarks/image_tower_refit.py` and
+    `benchmarks/patch_network_finetune.py`."""
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
     losses: list[float] = []
     started = time.monotonic()
     for step in range(config.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = config.learning_rate * warmup_cosine(step, config.warmup_steps, config.steps)
-        batch = torch.randperm(len(images), generator=generator)[: config.batch_size].to(texts.device)
+        factor = warmup_cosine(step, config.warmup_steps, config.steps)
+        for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
+            group["lr"] = base_lr * factor
+        batch = torch.randperm(len(texts), generator=generator)[: config.batch_size].to(texts.device)
         with torch.autocast(texts.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            embedded = tower(images[batch].float())  # (B, E), normalised
+            embedded = embed(batch)  # (B, E), normalised
         loss = symmetric_info_nce(texts[batch], embedded.float(), codes[batch], scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
         if log_every and (step % log_every == 0 or step + 1 == config.steps):
-            elapsed = time.monotonic() - started
-            print(f"tower fit: step {step} loss {losses[-1]:.3f} ({elapsed:.0f} s)", flush=True)
+            line = f"tower fit: step {step} loss {losses[-1]:.3f} ({time.monotonic() - started:.0f} s)"
+            print(line + (f": {report()}" if report else ""), flush=True)
     return losses
 
 
