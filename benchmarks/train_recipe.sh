@@ -7,6 +7,7 @@
 #
 #   benchmarks/train_recipe.sh                              # runs/hm-recipe, equal fixed weights
 #   LOSS=adaptive OUT=runs/hm-recipe-adaptive benchmarks/train_recipe.sh
+#   FUSION_LAYER=3 ...    # the listwise phase moves the fusion layer to 3 (README, "Fusion layer")
 set -euo pipefail
 DATA="${DATA:-hm:../shared/data/hm}"
 OUT="${OUT:-runs/hm-recipe}"
@@ -15,6 +16,7 @@ LISTWISE_MINUTES="${LISTWISE_MINUTES:-24}"
 LOSS="${LOSS:-fixed}"
 QUERIES="${QUERIES:-1000}"
 RERANK_K="${RERANK_K:-50}"
+FUSION_LAYER="${FUSION_LAYER:-0}"
 
 case "$LOSS" in
     fixed) weights=(--fixed-weights) ;;
@@ -26,7 +28,7 @@ fashionbert features --data "$DATA"
 start=$(date +%s)
 fashionbert train --data "$DATA" --out "$OUT/pretrain" --budget-minutes "$PRETRAIN_MINUTES" "${weights[@]}" "$@"
 fashionbert train --data "$DATA" --out "$OUT/listwise" --budget-minutes "$LISTWISE_MINUTES" "${weights[@]}" \
-    --init "$OUT/pretrain/best" --tasks alignment,contrastive --listwise --mine-top-k 30 --negatives-per-item 4 \
+    --init "$OUT/pretrain/best" --fusion-layer "$FUSION_LAYER" --tasks alignment,contrastive --listwise --mine-top-k 30 --negatives-per-item 4 \
     --mine-every 150 --batch-size 24 --lr 5e-5 --warmup-steps 20 --validate-every 100
 fashionbert fit-image-tower --model "$OUT/listwise/best" --data "$DATA" --out "$OUT/best"
 elapsed=$(( $(date +%s) - start ))
