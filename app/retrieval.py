@@ -188,7 +188,7 @@ class SearchService:
         self.model_lane = ModelLane(settings.model_call_timeout_s, settings.max_abandoned_model_calls)
         self.metrics.model_calls_abandoned.set_function(lambda: self.model_lane.abandoned)
         self.batcher = MicroBatcher(
-            self.inference.score_states,
+            self._score,
             PairStates.concat,
             run=self.model_lane.run,
             window_s=settings.batch_window_ms / 1000.0,
@@ -472,6 +472,9 @@ class SearchService:
 
     def _open_bundle(self, path: Path) -> SearchBundle:
         return open_bundle(path, self.inference.fingerprint, self.settings.verify_checksums)
+
+    def _score(self, pairs: PairStates) -> np.ndarray:
+        return self.inference.score_states(pairs)  # looked up per call: `inference` may be swapped
 
     def _observe_batch(self, pairs: int, requests: int, seconds: float) -> None:
         self.metrics.rerank_batch_pairs.observe(pairs)

@@ -24,6 +24,7 @@ from app.main import create_app
 from app.metrics import Metrics
 from app.retrieval import SearchService, load_service
 from app.settings import Settings
+from model.pair_states import PairStates
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class FaultyInference:
         self._inference = inference
         self._slow_s = slow_s
         self._poisoned: set[tuple[int, ...]] = set()
+        self._poisoned_states: list[np.ndarray] = []
         self._lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
@@ -59,12 +61,30 @@ class FaultyInference:
                     self._poisoned.add(tuple(ids))
         return token_ids
 
-    def match(self, token_ids: Sequence[Sequence[int]], patch_features: np.ndarray, **kwargs: Any) -> Any:
+    def text_states(self, token_ids: Sequence[Sequence[int]], *args: Any, **kwargs: Any) -> Any:
+        """The real states; a marked query's are remembered, to recognise its pairs in a re-rank batch."""
+        states, mask = self._inference.text_states(token_ids, *args, **kwargs)
         with self._lock:
-            poisoned = any(tuple(ids) in self._poisoned for ids in token_ids)
+            for row, ids in enumerate(token_ids):
+                if tuple(ids) in self._poisoned:
+                    self._poisoned_states.append(states[row, : len(ids)].copy())
+        return states, mask
+
+    def score_states(self, pairs: PairStates, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            poisoned = any(_holds(pairs, states) for states in self._poisoned_states)
         if poisoned:
             raise InjectedFault("injected model failure while re-ranking")
-        return self._inference.match(token_ids, patch_features, **kwargs)
+        return self._inference.score_states(pairs, *args, **kwargs)
+
+
+def _holds(pairs: PairStates, states: np.ndarray) -> bool:
+    """Whether a pair of the batch has `states` (T, H) as its whole text side."""
+    length = len(states)
+    if pairs.text.shape[1] < length:
+        return False
+    same = np.all(pairs.text[:, :length] == states, axis=(1, 2)) & (pairs.text_mask.sum(1) == length)
+    return bool(same.any())
 
 
 def faulty_decoder(slow_s: float) -> Any:
