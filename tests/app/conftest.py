@@ -122,3 +122,15 @@ def live_server(app: FastAPI, ready_timeout_s: float = 60.0) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+@contextlib.contextmanager
+def ready_client(app: FastAPI, timeout_s: float = 60.0) -> Iterator[httpx.Client]:
+    """`live_server(app)` and an HTTP client to it, once /readyz says the model and bundle are loaded."""
+    with live_server(app) as base_url, httpx.Client(base_url=base_url, timeout=60) as client:
+        deadline = time.monotonic() + timeout_s
+        while client.get("/readyz").status_code != 200:
+            assert app.state.startup_error is None, app.state.startup_error
+            assert time.monotonic() < deadline, "the service did not get ready"
+            time.sleep(0.1)
+        yield client

@@ -4,18 +4,16 @@
 from __future__ import annotations
 
 import io
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
 from app.main import create_app
 from app.settings import Settings
-from tests.app.conftest import live_server
+from tests.app.conftest import ready_client
 
 ITEMS = 24
 
@@ -49,12 +47,7 @@ def live(fused_checkpoint: Path, fused: Any) -> Any:
     _, _, bundle = fused
     settings = Settings(_env_file=None, model_dir=fused_checkpoint, index_dir=bundle, device="cpu")
     app = create_app(settings)
-    with live_server(app) as base_url, httpx.Client(base_url=base_url, timeout=60) as client:
-        for _ in range(600):
-            if client.get("/readyz").status_code == 200:
-                break
-            assert app.state.startup_error is None, app.state.startup_error
-            time.sleep(0.1)
+    with ready_client(app) as client:
         serving = app.state.service.bundle
         assert serving.stores_states
 

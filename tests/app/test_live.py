@@ -25,7 +25,7 @@ from PIL import Image
 
 from app.main import create_app
 from app.settings import Settings
-from tests.app.conftest import live_server
+from tests.app.conftest import ready_client
 
 REPO = Path(__file__).resolve().parents[2]
 ADMIN = {"X-API-Key": "admin-key"}
@@ -71,12 +71,7 @@ def live(tiny_checkpoint: Path, bundles: dict[str, Path]) -> Any:
         batch_window_ms=20.0,  # wide, so the concurrency test's requests reliably share batches
     )
     app = create_app(settings)
-    with live_server(app) as base_url, httpx.Client(base_url=base_url, timeout=60) as client:
-        for _ in range(600):
-            if client.get("/readyz").status_code == 200:
-                break
-            assert app.state.startup_error is None, app.state.startup_error
-            time.sleep(0.1)
+    with ready_client(app) as client:
         yield client, app
 
 
