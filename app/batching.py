@@ -1,4 +1,4 @@
-"""Dynamic micro-batching of cross-encoder work: many requests' (text, image) pairs, one `match` call.
+"""Dynamic micro-batching of cross-encoder work: many requests' (text, image) pairs, one model call.
 
 A request's pairs wait at most `window_s` for company, and not at all when no other search is in flight
 (`in_flight`) to bring any; whatever queued while the model was busy joins the next batch at once, so
