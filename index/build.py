@@ -151,9 +151,9 @@ class _StateStreams:
         image = encoder.image_states(pooled_patches)  # (n, N, H)
         self.files[STATE_FILES[1]].write(np.ascontiguousarray(image, np.float16).tobytes())
 
-    def finish(self, rows: int, hidden: int | None = None) -> dict[str, Any]:
+    def finish(self, rows: int) -> dict[str, Any]:
         """Wrap the raw files as .npy of `rows` rows; the manifest's `states` section."""
-        hidden = hidden or self.hidden
+        hidden = self.hidden
         shapes = ((rows, self.max_len, hidden), (rows, self.patches, hidden))
         self.close()
         for name, shape in zip(self.files, shapes, strict=True):
@@ -671,7 +671,7 @@ def add_to_bundle(
                 old = np.load(path / name, allow_pickle=False)
                 np.save(staging / name, np.concatenate([old, *new]), allow_pickle=False)
             if states is not None:
-                states.finish(report.rows, hidden=int(manifest["states"]["hidden"]))
+                states.finish(report.rows)  # rows were added (else it returned above): `hidden` is known
 
             counts = manifest["counts"]
             manifest["counts"] = _counts(

@@ -239,7 +239,19 @@ class FashionBert(nn.Module):
             unique_mask = torch.zeros_like(unique_ids).index_copy_(0, inverse, attention_mask)
             text_embeddings = self.encode_text(unique_ids, unique_mask)[inverse]  # (B, E)
             tower_similarity = (text_embeddings * self.encode_image(patch_features)).sum(-1)  # (B,)
-        hidden = self.joint_hidden(input_ids, attention_mask, self.pool_patches(patch_features))
+        text = self.text_states(input_ids, attention_mask)
+        image = self.image_states(self.pool_patches(patch_features))
+        return self.match_states(text, attention_mask, image, tower_similarity)
+
+    def match_states(
+        self,
+        text_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_states: torch.Tensor,
+        tower_similarity: torch.Tensor,
+    ) -> torch.Tensor:
+        """`match` from each side's states below the fusion layer (what index bundles store): (B,) logits."""
+        hidden = self.fuse(text_states, attention_mask, image_states)
         return self.alignment_logits(hidden, attention_mask, tower_similarity).float()
 
 

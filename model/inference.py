@@ -162,8 +162,7 @@ class FashionBertInference:
                 similarity = torch.as_tensor(
                     np.asarray(tower_similarity[start : start + batch_size], np.float32), device=self.device
                 )
-            # The int8 copy takes fp32 activations (its kernels quantize them); autocast would hand it bf16.
-            with autocast(self.device) if not self.int8_matching else contextlib.nullcontext():
+            with self._matcher_context():
                 logits = self.matcher.match(ids, mask, patches, tower_similarity=similarity)
             out.append(logits.float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
@@ -174,17 +173,14 @@ class FashionBertInference:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Texts' side of re-rank pairs: (n, T, H) states below the fusion layer, right-padded to the
         longest text, and the (n, T) bool mask of real word pieces."""
-        length = max((len(ids) for ids in token_ids), default=0)
-        hidden = self.model.bert.config.hidden_size
-        states = np.zeros((len(token_ids), length, hidden), STATES_DTYPE)
+        lengths = np.array([len(ids) for ids in token_ids], dtype=np.int64)
+        mask = np.arange(lengths.max(initial=0)) < lengths[:, None]  # (n, T)
+        states = np.zeros((*mask.shape, self.model.bert.config.hidden_size), STATES_DTYPE)
         for start in range(0, len(token_ids), batch_size):
-            ids, mask = self.pad(token_ids[start : start + batch_size])
-            with autocast(self.device):
-                chunk = self.model.text_states(ids, mask)
+            ids, chunk_mask = self.pad(token_ids[start : start + batch_size])
+            with self._matcher_context():
+                chunk = self.matcher.text_states(ids, chunk_mask)
             states[start : start + len(ids), : chunk.shape[1]] = chunk.float().cpu().numpy()
-        mask = np.zeros((len(token_ids), length), bool)
-        for row, ids in enumerate(token_ids):
-            mask[row, : len(ids)] = True
         return states, mask
 
     @torch.inference_mode()
@@ -194,8 +190,8 @@ class FashionBertInference:
         out = []
         for start in range(0, len(patch_features), batch_size):
             patches = self.model.pool_patches(self._patches(patch_features[start : start + batch_size]))
-            with autocast(self.device):
-                out.append(self.model.image_states(patches).float().cpu().numpy().astype(STATES_DTYPE))
+            with self._matcher_context():
+                out.append(self.matcher.image_states(patches).float().cpu().numpy().astype(STATES_DTYPE))
         hidden = self.model.bert.config.hidden_size
         empty = np.zeros((0, self.config.encoder_patches, hidden), STATES_DTYPE)
         return np.concatenate(out) if out else empty
@@ -206,9 +202,7 @@ class FashionBertInference:
         gives for the same pairs (to the states' float16 rounding) for the cost of the layers above the
         fusion layer alone."""
         out = []
-        # The int8 copy takes fp32 activations (its kernels quantize them); autocast would hand it bf16.
         dtype = self.matcher.bert.embeddings.word_embeddings.weight.dtype
-        context = autocast(self.device) if not self.int8_matching else contextlib.nullcontext()
         for start in range(0, len(pairs), batch_size):
             rows = slice(start, start + batch_size)
             longest = int(pairs.text_mask[rows].sum(1).max())  # a batch pads only to its own longest text
@@ -217,11 +211,14 @@ class FashionBertInference:
             text = torch.tensor(pairs.text[rows, :longest]).to(self.device, dtype)
             image = torch.tensor(pairs.image[rows]).to(self.device, dtype)
             similarity = torch.tensor(pairs.tower_similarity[rows], dtype=torch.float32)
-            with context:
-                hidden = self.matcher.fuse(text, mask, image)
-                logits = self.matcher.alignment_logits(hidden, mask, similarity.to(self.device))
+            with self._matcher_context():
+                logits = self.matcher.match_states(text, mask, image, similarity.to(self.device))
             out.append(logits.float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+    def _matcher_context(self) -> contextlib.AbstractContextManager:
+        """The int8 copy takes fp32 activations (its kernels quantize them); autocast would hand it bf16."""
+        return autocast(self.device) if not self.int8_matching else contextlib.nullcontext()
 
     def cached_text_embeddings(self, token_ids: Sequence[Sequence[int]]) -> np.ndarray:
         """(n, E) text-tower embeddings, each distinct text encoded once and kept (least recently used
