@@ -68,25 +68,37 @@ def fused_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def build_slice_bundle(tiny_checkpoint: Path, hm_slice):
-    """Build a bundle of some of `hm_slice`'s items with the tiny model: `build(items, out) -> out`.
+def slice_features(hm_slice):
+    """The slice's cached features by item id, as `FeatureCache.features_for` would return them: an
+    `index.build.PatchFeatureSource`."""
+    catalogue, features = hm_slice
+    row_of = {item.id: row for row, item in enumerate(catalogue.items)}
+
+    def source(part):
+        kept = [item for item in part.items if item.id in row_of]
+        return part.subset(kept), features[[row_of[item.id] for item in kept]]
+
+    return source
+
+
+@pytest.fixture(scope="session")
+def build_slice_bundle(tiny_checkpoint: Path, hm_slice, slice_features):
+    """Build a bundle of some of `hm_slice`'s items: `build(items, out, checkpoint=tiny_checkpoint) -> out`.
     SQ8 patch codes: no codec training (PQ64's k-means is most of a build this small), near-exact patches."""
     from index.build import build_bundle
     from index.config import IndexConfig
     from model.inference import FashionBertInference
 
-    catalogue, features = hm_slice
-    row_of = {item.id: row for row, item in enumerate(catalogue.items)}
-    encoder = FashionBertInference.from_checkpoint(tiny_checkpoint, device="cpu")
+    catalogue, _ = hm_slice
+    encoders: dict[Path, FashionBertInference] = {}
 
-    def patch_features(part):
-        return part, features[[row_of[item.id] for item in part.items]]
-
-    def build(items, out: Path) -> Path:
+    def build(items, out: Path, checkpoint: Path = tiny_checkpoint) -> Path:
+        if checkpoint not in encoders:
+            encoders[checkpoint] = FashionBertInference.from_checkpoint(checkpoint, device="cpu")
         build_bundle(
-            encoder,
+            encoders[checkpoint],
             catalogue.subset(items),
-            patch_features,
+            slice_features,
             out,
             IndexConfig(patch_codec="SQ8"),
             progress=False,

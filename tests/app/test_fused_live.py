@@ -19,25 +19,16 @@ ITEMS = 24
 
 
 @pytest.fixture(scope="module")
-def fused(fused_checkpoint: Path, hm_slice: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+def fused(
+    fused_checkpoint: Path, hm_slice: Any, build_slice_bundle: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Any:
     """The fused tiny model, its bundle of ITEMS real H&M items, and the model called directly."""
-    from index.build import build_bundle
-    from index.config import IndexConfig
     from model.inference import FashionBertInference
     from model.patch_features import PatchFeatureConfig, PatchFeatureExtractor
 
-    catalogue, features = hm_slice
     inference = FashionBertInference.from_checkpoint(fused_checkpoint, device="cpu")
-    row_of = {item.id: row for row, item in enumerate(catalogue.items)}
     out = tmp_path_factory.mktemp("fused-bundle") / "bundle"
-    build_bundle(
-        inference,
-        catalogue.subset(catalogue.items[:ITEMS]),
-        lambda part: (part, features[[row_of[item.id] for item in part.items]]),
-        out,
-        IndexConfig(patch_codec="SQ8"),
-        progress=False,
-    )
+    build_slice_bundle(hm_slice[0].items[:ITEMS], out, checkpoint=fused_checkpoint)
     extractor = PatchFeatureExtractor(PatchFeatureConfig.from_dict(inference.config.patch_features))
     return inference, extractor, out
 

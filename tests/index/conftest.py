@@ -106,19 +106,6 @@ def tiny_inference(tiny_checkpoint: Path):
 
 
 @pytest.fixture(scope="session")
-def slice_features(hm_slice) -> PatchFeatureSource:
-    """The slice's cached features by item id, as `FeatureCache.features_for` would return them."""
-    catalogue, features = hm_slice
-    row_of = {item.id: row for row, item in enumerate(catalogue.items)}
-
-    def source(part: Catalogue) -> tuple[Catalogue, np.ndarray]:
-        kept = [item for item in part.items if item.id in row_of]
-        return part.subset(kept), features[[row_of[item.id] for item in kept]]
-
-    return source
-
-
-@pytest.fixture(scope="session")
 def base_bundle(
     hm_slice, tiny_inference, slice_features: PatchFeatureSource, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
