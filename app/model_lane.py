@@ -6,13 +6,20 @@ once on a spare thread. Python cannot kill a thread, so an abandoned call runs o
 lane serves on beside up to `max_abandoned` such calls; one more and it refuses calls (`ModelLaneExhausted`,
 a 503, and /readyz says not ready) until one returns, so an orchestrator replaces a stuck process rather
 than it piling up threads.
+
+Model calls also share one thread, and model loading runs torch on one core (`single_threaded_torch`).
+libgomp gives each thread that runs parallel torch work its own OpenMP team, and once the process holds
+more team threads than cores it cuts every team's spin-wait short: torch then runs about 1.4x slower on
+2 cores (README, "Serving performance"). A spare thread replaces the model thread only when a call is
+abandoned.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -31,7 +38,8 @@ class ModelLane:
         self.timeout_s = timeout_s
         self.max_abandoned = max_abandoned
         self.abandoned = 0  # abandoned calls still running
-        self._executor = ThreadPoolExecutor(1 + max_abandoned, thread_name_prefix=thread_name_prefix)
+        self._thread_name_prefix = thread_name_prefix
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=thread_name_prefix)  # the model thread
         self._turn: asyncio.Lock | None = None  # made on first use, inside the running loop
 
     @property
@@ -59,6 +67,9 @@ class ModelLane:
                 return
             abandoned = True
             self.abandoned += 1
+            # The stuck call keeps its thread, which ends when the call returns; the next calls get a new one.
+            self._executor.shutdown(wait=False)
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix=self._thread_name_prefix)
             turn.release()
             logger.error(
                 "a model call ran past %g s: abandoned (%d running); the next call starts on a spare thread",
@@ -89,3 +100,17 @@ class ModelLane:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def single_threaded_torch() -> Iterator[None]:
+    """Torch work in this block, on this thread, uses one core: for work off the model thread (loading),
+    so that the model thread's OpenMP team stays the process's only one (see the module docstring)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)  # threads that start later read it; this one runs no more torch

@@ -25,7 +25,7 @@ from app.batching import MicroBatcher
 from app.errors import ApiError
 from app.images import decode_image
 from app.metrics import Metrics
-from app.model_lane import ModelLane, ModelLaneExhausted
+from app.model_lane import ModelLane, ModelLaneExhausted, single_threaded_torch
 from app.settings import Settings
 from model.evaluation import Scorer
 from model.pair_states import PairStates
@@ -545,16 +545,17 @@ def load_service(settings: Settings, metrics: Metrics | None = None) -> SearchSe
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    inference = FashionBertInference.from_checkpoint(
-        settings.model_dir,
-        device=settings.device,
-        bf16_weights=settings.bf16_weights,
-        int8_matching=settings.int8_matching,
-    )
-    # The patch network the model was trained on, read from its config: the service believes the checkpoint.
-    extractor = PatchFeatureExtractor(
-        PatchFeatureConfig.from_dict(inference.config.patch_features), device=inference.device
-    )
+    with single_threaded_torch():  # off the model thread, which runs all other torch work (app.model_lane)
+        inference = FashionBertInference.from_checkpoint(
+            settings.model_dir,
+            device=settings.device,
+            bf16_weights=settings.bf16_weights,
+            int8_matching=settings.int8_matching,
+        )
+        # The patch network the model was trained on, from its config: the service believes the checkpoint.
+        extractor = PatchFeatureExtractor(
+            PatchFeatureConfig.from_dict(inference.config.patch_features), device=inference.device
+        )
     bundle = open_bundle(settings.index_dir, inference.fingerprint, settings.verify_checksums)
     logger.info(
         "loaded model %s on %s and bundle %s", settings.model_dir, inference.device, settings.index_dir

@@ -85,3 +85,20 @@ async def test_past_max_abandoned_the_lane_refuses_until_a_stuck_call_returns() 
         await asyncio.sleep(0.01)
     assert await lane.run(Overlap(), 4) == 8
     lane.shutdown()
+
+
+async def test_model_calls_share_one_thread_until_one_is_abandoned() -> None:
+    # One thread, so the process keeps one OpenMP team (module docstring). A pool of spare threads would
+    # sometimes hand a call to a second one: when the next call is submitted before the thread that ran the
+    # last call reports itself idle, which thousands of queued calls make near certain.
+    lane, release = ModelLane(timeout_s=0.3), threading.Event()
+    ran_on = {await lane.run(threading.get_ident) for _ in range(20)}
+    for _ in range(3):
+        ran_on |= set(await asyncio.gather(*(lane.run(threading.get_ident) for _ in range(2000))))
+    assert len(ran_on) == 1
+    with pytest.raises(asyncio.TimeoutError):
+        await lane.run(release.wait)
+    after = {await lane.run(threading.get_ident) for _ in range(20)}
+    assert len(after) == 1 and after != ran_on  # a spare thread took over from the stuck one
+    release.set()
+    lane.shutdown()
