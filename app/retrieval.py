@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
@@ -35,6 +36,9 @@ logger = logging.getLogger(__name__)
 
 Modality = Literal["text", "image"]
 _T = TypeVar("_T")
+
+# Threads for index work: a search takes about a millisecond, so a few serve any concurrency.
+INDEX_THREADS = 4
 
 
 class SearchBundle(Protocol):
@@ -186,6 +190,12 @@ class SearchService:
         # never on the event loop (torch releases the GIL while it computes), and a hung one is abandoned
         # at its deadline instead of holding every call behind it.
         self.model_lane = ModelLane(settings.model_call_timeout_s, settings.max_abandoned_model_calls)
+        # Index work (faiss search, patch decoding, stored states) on threads whose faiss runs on
+        # `faiss_threads` (OpenMP's thread count is each thread's own): faiss' workers spin after a call and
+        # would take a core from the model thread's next one.
+        self.index_threads = ThreadPoolExecutor(
+            INDEX_THREADS, "index", initializer=_set_faiss_threads, initargs=(settings.faiss_threads,)
+        )
         self.metrics.model_calls_abandoned.set_function(lambda: self.model_lane.abandoned)
         self.batcher = MicroBatcher(
             self._score,
@@ -216,6 +226,7 @@ class SearchService:
         self.metrics.ready.set(0)
         await self.batcher.close()
         self.model_lane.shutdown()
+        self.index_threads.shutdown(wait=False, cancel_futures=True)
 
     async def warm_up(self, bundle: SearchBundle) -> None:
         """One text and one image search through every stage, so the first user pays no one-off costs."""
@@ -312,7 +323,7 @@ class SearchService:
                 query_side, embedding = await self._encode(modality, query)
             with timer("recall"):
                 rows, recall_scores = await self._stage(
-                    "recall", asyncio.to_thread(self._recall, bundle, search, embedding, options)
+                    "recall", self._in_index_thread(self._recall, bundle, search, embedding, options)
                 )
             with timer("rerank"):
                 rerank_scores = await self._stage(
@@ -358,6 +369,9 @@ class SearchService:
                 self.settings.decode_timeout_s,
             )
         return await self._stage("encode", self._in_model_thread(self._encode_image, query))
+
+    async def _in_index_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self.index_threads, fn, *args)
 
     def _encode_text(self, query: str) -> tuple[list[int], np.ndarray]:
         token_ids = self.inference.tokenize([query])  # truncated to the model's text length
@@ -424,14 +438,14 @@ class SearchService:
 
     async def _candidate_images(self, bundle: SearchBundle, rows: np.ndarray) -> np.ndarray:
         if bundle.stores_states:
-            return await asyncio.to_thread(bundle.image_states, rows)
-        patch_features = await asyncio.to_thread(bundle.patch_features, rows)  # (n, N, D)
+            return await self._in_index_thread(bundle.image_states, rows)
+        patch_features = await self._in_index_thread(bundle.patch_features, rows)  # (n, N, D)
         return await self._in_model_thread(self.inference.image_states, patch_features)
 
     async def _candidate_texts(self, bundle: SearchBundle, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if bundle.stores_states:
-            return await asyncio.to_thread(bundle.text_states, rows)
-        token_ids = await asyncio.to_thread(bundle.token_ids, rows)
+            return await self._in_index_thread(bundle.text_states, rows)
+        token_ids = await self._in_index_thread(bundle.token_ids, rows)
         return await self._in_model_thread(self.inference.text_states, token_ids)
 
     def _outcome(
@@ -531,6 +545,12 @@ def open_bundle(path: Path, model_fingerprint: str | None, verify_checksums: boo
     from index.bundle import Bundle
 
     return Bundle.open(path, expected_model_fingerprint=model_fingerprint, verify_checksums=verify_checksums)
+
+
+def _set_faiss_threads(count: int) -> None:
+    import faiss
+
+    faiss.omp_set_num_threads(count)
 
 
 def load_service(settings: Settings, metrics: Metrics | None = None) -> SearchService:

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     nprobe: int | None = Field(default=None, ge=1)  # IVF lists probed per query; None = the bundle's choice
     warm_up: bool = True  # one text and one image search through the whole path before /readyz says ready
     torch_threads: int | None = Field(default=None, ge=1)
+    # faiss' OpenMP threads per index call (recall, patch decoding). One: a query's search takes about a
+    # millisecond, and more threads spin-wait after it on the cores the model thread's next call needs.
+    faiss_threads: int = Field(default=1, ge=1)
     # A bundle or model that fails to load: False keeps the process up with /readyz 503 and the reason;
     # True makes start-up fail so the process exits non-zero (for supervisors that restart or alert).
     exit_on_startup_error: bool = False

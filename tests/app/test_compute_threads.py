@@ -1,5 +1,7 @@
-"""The serving process runs torch on one OpenMP team: model calls share one thread, and loading (off that
-thread) starts no team of its own. A second team slows every torch call on 2 cores (app.model_lane)."""
+"""The serving process keeps its compute threads from competing for the cores: torch runs on one OpenMP
+team (model calls share one thread, and loading, off that thread, starts no team of its own), and faiss
+searches on one thread. A second torch team, or faiss threads spinning after a search, slow every model
+call on 2 cores (app.model_lane, README "Serving performance")."""
 
 from __future__ import annotations
 
@@ -80,3 +82,37 @@ print(measure(lambda: load_service(settings)))
         str(bundle),
     )
     assert started == 0
+
+
+@needs_cores
+def test_index_work_runs_faiss_on_one_thread(
+    tiny_checkpoint: Path, hm_slice: Any, build_slice_bundle: Any, tmp_path: Path
+) -> None:
+    import faiss
+
+    from app.main import create_app
+    from app.settings import Settings
+    from tests.app.conftest import ready_client
+
+    catalogue = hm_slice[0]
+    bundle = build_slice_bundle(catalogue.items[:8], tmp_path / "bundle")
+    settings = Settings(_env_file=None, model_dir=tiny_checkpoint, index_dir=bundle, device="cpu")
+    app = create_app(settings)
+    with ready_client(app) as client:
+        serving, seen = app.state.service.bundle, []
+
+        def recording(read: Any) -> Any:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                seen.append((read.__name__, faiss.omp_get_max_threads()))
+                return read(*args, **kwargs)
+
+            return call
+
+        for name in ("search_images", "search_texts", "patch_features"):
+            setattr(serving, name, recording(getattr(serving, name)))
+        item = catalogue.items[3]
+        assert client.post("/search/text", json={"query": item.text}).status_code == 200
+        upload = {"file": ("q.jpg", catalogue.image_bytes(item), "image/jpeg")}
+        assert client.post("/search/image", files=upload).status_code == 200
+    assert {name for name, _ in seen} == {"search_images", "search_texts", "patch_features"}
+    assert {threads for _, threads in seen} == {1}
