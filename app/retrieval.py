@@ -194,7 +194,10 @@ class SearchService:
         # `faiss_threads` (OpenMP's thread count is each thread's own): faiss' workers spin after a call and
         # would take a core from the model thread's next one.
         self.index_threads = ThreadPoolExecutor(
-            INDEX_THREADS, "index", initializer=_set_faiss_threads, initargs=(settings.faiss_threads,)
+            INDEX_THREADS,
+            thread_name_prefix="index",
+            initializer=_set_faiss_threads,
+            initargs=(settings.faiss_threads,),
         )
         self.metrics.model_calls_abandoned.set_function(lambda: self.model_lane.abandoned)
         self.batcher = MicroBatcher(

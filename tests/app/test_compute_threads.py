@@ -1,7 +1,7 @@
 """The serving process keeps its compute threads from competing for the cores: torch runs on one OpenMP
 team (model calls share one thread, and loading, off that thread, starts no team of its own), and faiss
 searches on one thread. A second torch team, or faiss threads spinning after a search, slow every model
-call on 2 cores (app.model_lane, README "Serving performance")."""
+call on 2 cores (app.model_lane, README "Compute threads")."""
 
 from __future__ import annotations
 
