@@ -43,7 +43,9 @@ class FaultyInference:
         self._inference = inference
         self._slow_s = slow_s
         self._poisoned: set[tuple[int, ...]] = set()
-        self._poisoned_states: list[np.ndarray] = []
+        self._poisoned_states: dict[
+            tuple[int, ...], np.ndarray
+        ] = {}  # one per marked query, however often sent
         self._lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
@@ -67,12 +69,12 @@ class FaultyInference:
         with self._lock:
             for row, ids in enumerate(token_ids):
                 if tuple(ids) in self._poisoned:
-                    self._poisoned_states.append(states[row, : len(ids)].copy())
+                    self._poisoned_states.setdefault(tuple(ids), states[row, : len(ids)].copy())
         return states, mask
 
     def score_states(self, pairs: PairStates, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
-            poisoned = any(_holds(pairs, states) for states in self._poisoned_states)
+            poisoned = any(_holds(pairs, states) for states in self._poisoned_states.values())
         if poisoned:
             raise InjectedFault("injected model failure while re-ranking")
         return self._inference.score_states(pairs, *args, **kwargs)
