@@ -43,9 +43,8 @@ class FaultyInference:
         self._inference = inference
         self._slow_s = slow_s
         self._poisoned: set[tuple[int, ...]] = set()
-        self._poisoned_states: dict[
-            tuple[int, ...], np.ndarray
-        ] = {}  # one per marked query, however often sent
+        # A marked query's text states, once however often it is sent: how its pairs are recognised.
+        self._poisoned_states: dict[tuple[int, ...], np.ndarray] = {}
         self._lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
