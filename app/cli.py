@@ -419,6 +419,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         nprobe=args.nprobe,
         refine=args.refine,
         patch_codec=args.patch_codec,
+        states_codec="" if args.states_codec == "none" else args.states_codec,
         batch_size=args.batch_size,
         use_gpu=not args.no_gpu,
     )
@@ -519,6 +520,11 @@ def _add_index_commands(sub: argparse._SubParsersAction) -> None:
         help="re-score the IVF-PQ shortlist with finer codes; Flat = exact (RFlat); '' = off",
     )
     p.add_argument("--patch-codec", default="PQ64", help="faiss codec of the re-rank patch features")
+    p.add_argument(
+        "--states-codec",
+        default="PQ64",
+        help="faiss codec of the side states a fused model's bundle stores; none: float16",
+    )
     p.add_argument("--batch-size", type=int, default=128, help="items per model batch")
     p.add_argument("--no-gpu", action="store_true", help="train and add on the CPU even with faiss-gpu")
     p.add_argument(

@@ -36,6 +36,7 @@ from index.bundle import (
     MANIFEST,
     PATCH_CODEC,
     PATCH_CODES,
+    STATE_CODEC_FILES,
     STATE_FILES,
     TEXT_INDEX,
     TEXT_OFFSETS,
@@ -49,7 +50,7 @@ from index.bundle import (
     stored_patches,
     verify_files,
 )
-from index.codec import encode_patches, train_codec
+from index.codec import encode, train_codec
 from index.config import IndexConfig
 from index.factory import add_vectors, build_index, choose_factory, gpu_available
 from index.search import inverted_lists
@@ -121,13 +122,15 @@ class _Encoded:
 class _StateStreams:
     """The new rows' side states below the model's fusion layer, streamed to raw files and wrapped as .npy
     at the end like the patch codes (a catalogue's states need not fit in memory). For models with a
-    fusion layer only: without one, re-ranking reads token ids and patch codes alone."""
+    fusion layer only: without one, re-ranking reads token ids and patch codes alone. With `codecs` (one
+    per states file) the files hold their uint8 codes, else float16 states."""
 
-    def __init__(self, staging: Path, encoder: Encoder) -> None:
+    def __init__(self, staging: Path, encoder: Encoder, codecs: Mapping[str, faiss.Index] | None) -> None:
         self.staging = staging
         self.max_len = encoder.config.max_text_len
         self.patches = encoder.config.encoder_patches
         self.fusion_layer = encoder.config.fusion_layer
+        self.codecs = codecs
         self.hidden = 0  # read off the first states written
         self._open = contextlib.ExitStack()
         self.files = {
@@ -146,24 +149,25 @@ class _StateStreams:
     def write(self, encoder: Encoder, token_ids: Sequence[Sequence[int]], pooled_patches: np.ndarray) -> None:
         text, _ = encoder.text_states(token_ids)  # (n, T, H), T the chunk's longest text
         text = np.pad(text, ((0, 0), (0, self.max_len - text.shape[1]), (0, 0)))
-        self.hidden = text.shape[-1]
-        self.files[STATE_FILES[0]].write(np.ascontiguousarray(text, np.float16).tobytes())
         image = encoder.image_states(pooled_patches)  # (n, N, H)
-        self.files[STATE_FILES[1]].write(np.ascontiguousarray(image, np.float16).tobytes())
+        self.hidden = text.shape[-1]
+        for name, states in zip(STATE_FILES, (text, image), strict=True):
+            stored = encode(self.codecs[name], states) if self.codecs else states.astype(np.float16)
+            self.files[name].write(np.ascontiguousarray(stored).tobytes())
 
     def finish(self, rows: int) -> dict[str, Any]:
-        """Wrap the raw files as .npy of `rows` rows; the manifest's `states` section."""
-        hidden = self.hidden
-        shapes = ((rows, self.max_len, hidden), (rows, self.patches, hidden))
+        """Wrap the raw files as .npy of `rows` rows; the manifest's `states` section (less `codecs`)."""
         self.close()
-        for name, shape in zip(self.files, shapes, strict=True):
-            _write_npy_from_raw(
-                self.staging / (name + ".part"), self.staging / name, np.dtype(np.float16), shape
-            )
+        for name, length in zip(STATE_FILES, (self.max_len, self.patches), strict=True):
+            if self.codecs:
+                dtype, shape = np.dtype(np.uint8), (rows, length, self.codecs[name].sa_code_size())
+            else:
+                dtype, shape = np.dtype(np.float16), (rows, length, self.hidden)
+            _write_npy_from_raw(self.staging / (name + ".part"), self.staging / name, dtype, shape)
         return {
             "fusion_layer": self.fusion_layer,
-            "hidden": hidden,
-            "dtype": "float16",
+            "hidden": self.hidden,
+            "dtype": "uint8" if self.codecs else "float16",
             "text": STATE_FILES[0],
             "image": STATE_FILES[1],
         }
@@ -200,26 +204,72 @@ def _model_section(encoder: Encoder) -> dict[str, Any]:
 # -- encoding -------------------------------------------------------------------------------------------
 
 
+@dataclass
+class _CodecSample:
+    """Items drawn at random from all catalogues to train the codecs: their word-piece ids and their
+    pooled patch grids (n, N, D)."""
+
+    token_ids: list[list[int]]
+    pooled: np.ndarray
+
+
 def _codec_sample(
-    catalogues: Sequence[Catalogue], patch_features: PatchFeatureSource, pool: int, config: IndexConfig
-) -> np.ndarray:
-    """(n * N, D) pooled patch vectors of items drawn at random from all catalogues: the codec's training set."""
+    encoder: Encoder,
+    catalogues: Sequence[Catalogue],
+    patch_features: PatchFeatureSource,
+    pool: int,
+    config: IndexConfig,
+) -> _CodecSample:
     sizes = [len(c) for c in catalogues]
     total = sum(sizes)
     rng = np.random.default_rng(config.seed)
     picks = np.sort(rng.choice(total, min(total, config.codec_train_items), replace=False))
-    vectors, start = [], 0
+    token_ids, grids, start = [], [], 0
     for catalogue, size in zip(catalogues, sizes, strict=True):
         chosen = picks[(picks >= start) & (picks < start + size)] - start
         start += size
         if len(chosen):
-            _, features = patch_features(catalogue.subset([catalogue.items[i] for i in chosen]))
-            features = pool_grid(features, pool)
-            vectors.append(features.reshape(-1, features.shape[-1]))
-    sample = np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float16)
-    if not len(sample):
+            kept, features = patch_features(catalogue.subset([catalogue.items[i] for i in chosen]))
+            if len(kept):
+                token_ids += encoder.tokenize([item.text for item in kept.items])
+                grids.append(pool_grid(features, pool).astype(np.float32))
+    if not grids:
         raise BundleError("none of the items sampled to train the patch codec has a readable image")
-    return sample.astype(np.float32)
+    return _CodecSample(token_ids, np.concatenate(grids))
+
+
+def _train_state_codecs(
+    encoder: Encoder, sample: _CodecSample, config: IndexConfig
+) -> tuple[dict[str, faiss.Index], dict[str, Any]]:
+    """One codec per states file, trained on the sample's states (text: its word pieces only); the
+    codecs and the manifest's `states.codecs` section."""
+    text, mask = encoder.text_states(sample.token_ids)
+    image = encoder.image_states(sample.pooled)
+    codecs, section = {}, {}
+    for (name, codec_file), vectors in zip(
+        zip(STATE_FILES, STATE_CODEC_FILES, strict=True),
+        (text[mask], image.reshape(-1, image.shape[-1])),
+        strict=True,
+    ):
+        codec, factory = train_codec(
+            vectors.astype(np.float32), config.states_codec, config.pq_iterations, what="side state"
+        )
+        codecs[name] = codec
+        section[name] = {
+            "file": codec_file,
+            "factory": factory,
+            "code_size": codec.sa_code_size(),
+            "trained_on": len(vectors),
+        }
+    return codecs, section
+
+
+def _read_state_codecs(path: Path, manifest: Mapping[str, Any]) -> dict[str, faiss.Index] | None:
+    """The codecs of a bundle's stored states; None where it stores float16 states."""
+    section = manifest["states"].get("codecs")
+    if not section:
+        return None
+    return {name: faiss.read_index(str(path / entry["file"])) for name, entry in section.items()}
 
 
 @dataclass
@@ -310,7 +360,7 @@ def _encode(
                 encoded.token_lengths.append(lengths)
                 encoded.groups.extend(item.group for item in kept.items)
                 pooled = pool_grid(features, job.pool)
-                codes_out.write(encode_patches(job.codec, pooled).tobytes())
+                codes_out.write(encode(job.codec, pooled).tobytes())
                 t = timed("patch_codes", t)
                 if job.states is not None:
                     job.states.write(encoder, token_ids, pooled)
@@ -457,14 +507,24 @@ def build_bundle(
     with locked(out), staging_folder(out) as staging:
         t = time.perf_counter()
         pool = encoder.config.patch_pool
-        codec_sample = _codec_sample(catalogues, patch_features, pool, config)
-        codec, codec_factory = train_codec(codec_sample, config.patch_codec)
-        codec_trained_on, codec_sample = len(codec_sample), None  # free the sample before encoding
+        sample = _codec_sample(encoder, catalogues, patch_features, pool, config)
+        patch_vectors = sample.pooled.reshape(-1, sample.pooled.shape[-1])
+        codec, codec_factory = train_codec(patch_vectors, config.patch_codec)
+        codec_trained_on = len(patch_vectors)
         report.stages["train_codec"] = time.perf_counter() - t
+        states, state_codecs, codecs_section = None, None, None
+        if _StateStreams.wanted(encoder):
+            t = time.perf_counter()
+            if config.states_codec:
+                state_codecs, codecs_section = _train_state_codecs(encoder, sample, config)
+                for name, entry in codecs_section.items():
+                    faiss.write_index(state_codecs[name], str(staging / entry["file"]))
+            states = _StateStreams(staging, encoder, state_codecs)
+            report.stages["train_states_codecs"] = time.perf_counter() - t
+        del sample, patch_vectors  # free the sample before encoding
 
         db = metadata.create_items_db(staging / ITEMS_DB)
         raw_codes = staging / (PATCH_CODES + ".part")
-        states = _StateStreams(staging, encoder) if _StateStreams.wanted(encoder) else None
         try:
             with open(raw_codes, "wb") as codes_out:
                 job = _EncodePass(encoder, patch_features, codec, pool, config, report, progress, states)
@@ -505,6 +565,8 @@ def build_bundle(
         np.save(staging / TOKEN_IDS, np.concatenate(encoded.token_ids), allow_pickle=False)
         np.save(staging / TOKEN_LENGTHS, np.concatenate(encoded.token_lengths), allow_pickle=False)
         states_section = states.finish(encoded.rows) if states is not None else None
+        if states_section is not None and codecs_section is not None:
+            states_section["codecs"] = codecs_section
 
         report.seconds = time.perf_counter() - started
         manifest = {
@@ -610,7 +672,11 @@ def add_to_bundle(
             codec = faiss.read_index(str(path / PATCH_CODEC))
             db = sqlite3.connect(staging / ITEMS_DB)
             raw_codes = staging / (PATCH_CODES + ".part")
-            states = _StateStreams(staging, encoder) if "states" in manifest else None
+            states = None
+            if "states" in manifest:
+                states = _StateStreams(staging, encoder, _read_state_codecs(path, manifest))
+                for entry in manifest["states"].get("codecs", {}).values():
+                    link_or_copy(path / entry["file"], staging / entry["file"])
             try:
                 with open(raw_codes, "wb") as codes_out:
                     _copy_npy_rows(path / PATCH_CODES, codes_out)

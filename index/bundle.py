@@ -8,9 +8,11 @@
                          (pooled, `patches_per_item` in the manifest), memory-mapped
     token_ids.npy        (rows, T) uint16/int32 word-piece ids, right-padded; token_lengths.npy (rows,)
     items.sqlite         metadata, row = faiss id, with the `removed` flag
-    text_states.npy      models with a fusion layer only (`FashionBertConfig.fusion_layer`): (rows, T, H)
-                         float16 states of each item's text below the fusion layer, right-padded, and
-    image_states.npy     (rows, N, H) of its patches: re-ranking starts from them, memory-mapped
+    text_states.npy      models with a fusion layer only (`FashionBertConfig.fusion_layer`): (rows, T, code)
+                         uint8 codes of each item's text states below the fusion layer, right-padded, and
+    image_states.npy     (rows, N, code) of its patch states: re-ranking starts from them, memory-mapped;
+                         bundles built with `states_codec` "" hold (rows, T | N, H) float16 states instead
+    text_states_codec.faiss, image_states_codec.faiss   the two files' codecs (faiss sa_decode)
     image_offsets.npy    (rows,) float32 querybank offsets of the image index's rows, text_offsets.npy the
                          same for the text index: recall ranks by inner product minus the offset
                          (`model.querybank`; bundles without a `querybank` manifest section have none)
@@ -36,9 +38,10 @@ import faiss
 import numpy as np
 
 from index import metadata
-from index.codec import decode_patches
+from index.codec import decode
 from index.search import RowFilter, filtered_search, normalised_search, row_filter
 from model.files import sha256_file as file_sha256
+from model.pair_states import STATES_DTYPE
 
 FORMAT = "fashionbert-index"
 FORMAT_VERSION = 1
@@ -53,6 +56,7 @@ BANK_TEXTS, BANK_IMAGES, BANK_GROUPS = "querybank_texts.npy", "querybank_images.
 QUERYBANK_FILES = (IMAGE_OFFSETS, TEXT_OFFSETS, BANK_TEXTS, BANK_IMAGES, BANK_GROUPS)
 TEXT_STATES, IMAGE_STATES = "text_states.npy", "image_states.npy"
 STATE_FILES = (TEXT_STATES, IMAGE_STATES)
+STATE_CODEC_FILES = ("text_states_codec.faiss", "image_states_codec.faiss")  # in STATE_FILES' order
 
 
 class BundleError(ValueError):
@@ -65,6 +69,7 @@ def bundle_files(manifest: Mapping[str, Any]) -> tuple[str, ...]:
         FILES
         + (QUERYBANK_FILES if "querybank" in manifest else ())
         + (STATE_FILES if "states" in manifest else ())
+        + (STATE_CODEC_FILES if manifest.get("states", {}).get("codecs") else ())
     )
 
 
@@ -198,15 +203,20 @@ class Bundle:
             self.text_offsets = _load_array(path / TEXT_OFFSETS, (self.rows,))
         # Side states below the model's fusion layer (None in bundles of models without one).
         self.stores_states = "states" in manifest
-        self._text_states = self._image_states = None
+        self._states: dict[str, np.ndarray] = {}
+        self._state_codecs: dict[str, faiss.Index] = {}
         if self.stores_states:
             hidden = int(manifest["states"]["hidden"])
-            shapes = {
-                TEXT_STATES: (self.rows, max_len, hidden),
-                IMAGE_STATES: (self.rows, self.patches_per_item, hidden),
-            }
-            self._text_states = _load_array(path / TEXT_STATES, shapes[TEXT_STATES], mmap=True)
-            self._image_states = _load_array(path / IMAGE_STATES, shapes[IMAGE_STATES], mmap=True)
+            codecs = manifest["states"].get("codecs", {})
+            for name, length in ((TEXT_STATES, max_len), (IMAGE_STATES, self.patches_per_item)):
+                width = hidden
+                if codecs:  # uint8 codes, decoded for the rows asked for
+                    entry = codecs[name]
+                    codec = _read_index(path / entry["file"], hidden, 0)
+                    if codec.sa_code_size() != int(entry["code_size"]):
+                        raise BundleError(f"{path / entry['file']}: not the codec the manifest describes")
+                    self._state_codecs[name], width = codec, codec.sa_code_size()
+                self._states[name] = _load_array(path / name, (self.rows, length, width), mmap=True)
 
     @classmethod
     def open(
@@ -282,7 +292,7 @@ class Bundle:
     def patch_features(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
         """(len(rows), N, D) float32 patch features decoded for the cross-encoder."""
         rows = self._check_rows(rows)
-        return decode_patches(self.codec, np.asarray(self._codes[rows]))
+        return decode(self.codec, np.asarray(self._codes[rows]))
 
     def token_ids(self, rows: np.ndarray | Sequence[int]) -> list[list[int]]:
         """The items' word-piece ids ([CLS] ... [SEP]) as the model tokenized their text at build time."""
@@ -292,17 +302,21 @@ class Bundle:
     def text_states(self, rows: np.ndarray | Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """The items' text states below the fusion layer, (n, T, H) float16 with T the longest of these
         texts, and the (n, T) bool mask of their word pieces; only in bundles that store states."""
-        assert self._text_states is not None, "this bundle stores no states: its model has no fusion layer"
         rows = self._check_rows(rows)
         lengths = self._token_lengths[rows].astype(np.int64)
         longest = int(lengths.max(initial=0))
         mask = np.arange(longest) < lengths[:, None]
-        return np.asarray(self._text_states[rows, :longest]), mask
+        return self._read_states(TEXT_STATES, rows, longest), mask
 
     def image_states(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
         """The items' patch states below the fusion layer: (n, N, H) float16."""
-        assert self._image_states is not None, "this bundle stores no states: its model has no fusion layer"
-        return np.asarray(self._image_states[self._check_rows(rows)])
+        return self._read_states(IMAGE_STATES, self._check_rows(rows))
+
+    def _read_states(self, name: str, rows: np.ndarray, length: int | None = None) -> np.ndarray:
+        assert self.stores_states, "this bundle stores no states: its model has no fusion layer"
+        stored = np.asarray(self._states[name][rows, :length])
+        codec = self._state_codecs.get(name)
+        return stored if codec is None else decode(codec, stored).astype(STATES_DTYPE)
 
     # -- metadata ------------------------------------------------------------------------------------
 

@@ -37,6 +37,11 @@ class IndexConfig:
     patch_codec: str = "PQ64"
     # Items whose stored patches (16 pooled each) train the codec: 2,048 give 128 per PQ centroid.
     codec_train_items: int = 2048
+    # Models with a fusion layer: faiss factory string of the codecs of each item's stored side states
+    # (one for text states, one for patch states, trained on the same items as the patch codec).
+    # PQ64 on MiniLM's 384-d states is 64 bytes a state, 4 KB an item (48 + 16) against 48 KB of
+    # float16; "" stores float16.
+    states_codec: str = "PQ64"
     chunk_items: int = 1024  # items encoded per pass: bounds memory to one chunk of float16 patches
     batch_size: int = 128  # model batch for the image and text towers
     # Querybank normalisation (`model.querybank`, when a build is given a bank catalogue): items drawn

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from index.codec import decode_patches, encode_patches, relative_error, train_codec
+from index.codec import decode, encode, relative_error, train_codec
 
 
 def test_pq_codes_keep_most_of_the_real_patch_signal(hm_slice) -> None:
@@ -12,9 +12,9 @@ def test_pq_codes_keep_most_of_the_real_patch_signal(hm_slice) -> None:
     train, test = features[:48], features[48:]
     codec, factory = train_codec(train.reshape(-1, train.shape[-1]).astype(np.float32), "PQ64")
     assert factory == "PQ64" and codec.sa_code_size() == 64
-    codes = encode_patches(codec, test)
+    codes = encode(codec, test)
     assert codes.shape == (len(test), 64, 64) and codes.dtype == np.uint8
-    decoded = decode_patches(codec, codes)
+    decoded = decode(codec, codes)
     assert decoded.shape == test.shape and decoded.dtype == np.float32
     # Trained on 48 items only, so coarser than a real build's codec (~0.07), yet far from noise (1.0).
     assert relative_error(codec, test) < 0.3
