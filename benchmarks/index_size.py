@@ -177,9 +177,14 @@ def main() -> None:
                 codec_error = relative_error(bundle.codec, pool_grid(one_item, pool))
 
     print(f"machine: {machine()}")
+    codes = (
+        f"patch codec {manifest['patch_codec']['factory']}"
+        if "patch_codec" in manifest
+        else f"states codec {manifest['states'].get('codecs', {}).get(STATE_FILES[0], {}).get('factory', 'none')}"
+    )
     print(
         f"bundle: {rows_total:,} items from {', '.join(specs)}; factory {manifest['indexes']['factory']}, "
-        f"embed_dim {manifest['model']['embed_dim']}, patch codec {manifest['patch_codec']['factory']}"
+        f"embed_dim {manifest['model']['embed_dim']}, {codes}"
     )
     total = sum(sizes.values())
     table = [
@@ -197,10 +202,10 @@ def main() -> None:
         }
     )
     print_table(table, "bundle size")
-    raw = inference.config.num_patches * inference.config.patch_feature_dim * 2
-    print(
-        f"patch features raw float16: {raw:,} bytes/item -> {manifest['patch_codec']['bytes_per_item']:,} in codes ({raw / manifest['patch_codec']['bytes_per_item']:.0f}x)"
-    )
+    if "patch_codec" in manifest:
+        raw = inference.config.num_patches * inference.config.patch_feature_dim * 2
+        coded = manifest["patch_codec"]["bytes_per_item"]
+        print(f"patch features raw float16: {raw:,} bytes/item -> {coded:,} in codes ({raw / coded:.0f}x)")
 
     compressed_inputs = (
         f"decoded {manifest['states']['codecs'][STATE_FILES[0]]['factory']} state codes"

@@ -168,6 +168,7 @@ class _StateStreams:
             "fusion_layer": self.fusion_layer,
             "hidden": self.hidden,
             "dtype": "uint8" if self.codecs else "float16",
+            "patches_per_item": self.patches,
             "text": STATE_FILES[0],
             "image": STATE_FILES[1],
         }
@@ -274,12 +275,12 @@ def _read_state_codecs(path: Path, manifest: Mapping[str, Any]) -> dict[str, fai
 
 @dataclass
 class _EncodePass:
-    """What every chunk of an encode pass uses: the model, where patch features come from, the codec
-    and the grid it stores (patches pooled `pool` x `pool`)."""
+    """What every chunk of an encode pass uses: the model, where patch features come from, the patch
+    codec (None for a fused model) and the grid it stores (patches pooled `pool` x `pool`)."""
 
     encoder: Encoder
     patch_features: PatchFeatureSource
-    codec: faiss.Index
+    codec: faiss.Index | None
     pool: int
     config: IndexConfig
     report: JobReport
@@ -301,7 +302,7 @@ def _encode_texts(encoder: Encoder, token_ids: Sequence[Sequence[int]], batch_si
 def _encode(
     job: _EncodePass,
     catalogues: Sequence[Catalogue],
-    codes_out: BinaryIO,
+    codes_out: BinaryIO | None,
     db: sqlite3.Connection,
     first_row: int,
     known_ids: set[str],
@@ -360,8 +361,9 @@ def _encode(
                 encoded.token_lengths.append(lengths)
                 encoded.groups.extend(item.group for item in kept.items)
                 pooled = pool_grid(features, job.pool)
-                codes_out.write(encode(job.codec, pooled).tobytes())
-                t = timed("patch_codes", t)
+                if codes_out is not None:
+                    codes_out.write(encode(job.codec, pooled).tobytes())
+                    t = timed("patch_codes", t)
                 if job.states is not None:
                     job.states.write(encoder, token_ids, pooled)
                     t = timed("states", t)
@@ -508,25 +510,36 @@ def build_bundle(
         t = time.perf_counter()
         pool = encoder.config.patch_pool
         sample = _codec_sample(encoder, catalogues, patch_features, pool, config)
-        patch_vectors = sample.pooled.reshape(-1, sample.pooled.shape[-1])
-        codec, codec_factory = train_codec(patch_vectors, config.patch_codec)
-        codec_trained_on = len(patch_vectors)
-        report.stages["train_codec"] = time.perf_counter() - t
+        codec, patch_section = None, None
+        if not _StateStreams.wanted(encoder):  # a fused model re-ranks from stored states, never patches
+            patch_vectors = sample.pooled.reshape(-1, sample.pooled.shape[-1])
+            codec, codec_factory = train_codec(patch_vectors, config.patch_codec)
+            patch_section = {
+                "file": PATCH_CODEC,
+                "codes": PATCH_CODES,
+                "factory": codec_factory,
+                "code_size": codec.sa_code_size(),
+                "dim": codec.d,
+                "patches_per_item": encoder.config.encoder_patches,
+                "bytes_per_item": codec.sa_code_size() * encoder.config.encoder_patches,
+                "trained_on_patches": len(patch_vectors),
+            }
+            report.stages["train_codec"] = time.perf_counter() - t
         states, state_codecs, codecs_section = None, None, None
-        if _StateStreams.wanted(encoder):
-            t = time.perf_counter()
+        if _StateStreams.wanted(encoder):  # the stage counts drawing the sample
             if config.states_codec:
                 state_codecs, codecs_section = _train_state_codecs(encoder, sample, config)
                 for name, entry in codecs_section.items():
                     faiss.write_index(state_codecs[name], str(staging / entry["file"]))
             states = _StateStreams(staging, encoder, state_codecs)
             report.stages["train_states_codecs"] = time.perf_counter() - t
-        del sample, patch_vectors  # free the sample before encoding
+        del sample  # free the sample before encoding
 
         db = metadata.create_items_db(staging / ITEMS_DB)
         raw_codes = staging / (PATCH_CODES + ".part")
         try:
-            with open(raw_codes, "wb") as codes_out:
+            with contextlib.ExitStack() as files:
+                codes_out = files.enter_context(open(raw_codes, "wb")) if codec is not None else None
                 job = _EncodePass(encoder, patch_features, codec, pool, config, report, progress, states)
                 encoded = _encode(job, catalogues, codes_out, db, first_row=0, known_ids=set())
         finally:
@@ -559,9 +572,10 @@ def build_bundle(
         t = time.perf_counter()
         for name, index in indexes.items():
             faiss.write_index(index, str(staging / name))
-        faiss.write_index(codec, str(staging / PATCH_CODEC))
-        code_shape = (encoded.rows, encoder.config.encoder_patches, codec.sa_code_size())
-        _write_npy_from_raw(raw_codes, staging / PATCH_CODES, np.dtype(np.uint8), code_shape)
+        if codec is not None:
+            faiss.write_index(codec, str(staging / PATCH_CODEC))
+            code_shape = (encoded.rows, encoder.config.encoder_patches, codec.sa_code_size())
+            _write_npy_from_raw(raw_codes, staging / PATCH_CODES, np.dtype(np.uint8), code_shape)
         np.save(staging / TOKEN_IDS, np.concatenate(encoded.token_ids), allow_pickle=False)
         np.save(staging / TOKEN_LENGTHS, np.concatenate(encoded.token_lengths), allow_pickle=False)
         states_section = states.finish(encoded.rows) if states is not None else None
@@ -590,16 +604,6 @@ def build_bundle(
                 "image": {"file": IMAGE_INDEX, "searched_by": "text queries"},
                 "text": {"file": TEXT_INDEX, "searched_by": "image queries"},
             },
-            "patch_codec": {
-                "file": PATCH_CODEC,
-                "codes": PATCH_CODES,
-                "factory": codec_factory,
-                "code_size": codec.sa_code_size(),
-                "dim": codec.d,
-                "patches_per_item": encoder.config.encoder_patches,
-                "bytes_per_item": codec.sa_code_size() * encoder.config.encoder_patches,
-                "trained_on_patches": codec_trained_on,
-            },
             "tokens": {
                 "file": TOKEN_IDS,
                 "lengths": TOKEN_LENGTHS,
@@ -623,6 +627,8 @@ def build_bundle(
         }
         if querybank_section is not None:
             manifest["querybank"] = querybank_section
+        if patch_section is not None:
+            manifest["patch_codec"] = patch_section
         if states_section is not None:
             manifest["states"] = states_section
         _write_manifest(staging, manifest)
@@ -668,8 +674,10 @@ def add_to_bundle(
         old_rows = manifest["counts"]["rows"]
         with staging_folder(path) as staging:
             shutil.copy2(path / ITEMS_DB, staging / ITEMS_DB)
-            link_or_copy(path / PATCH_CODEC, staging / PATCH_CODEC)
-            codec = faiss.read_index(str(path / PATCH_CODEC))
+            codec = None
+            if "patch_codec" in manifest:
+                link_or_copy(path / PATCH_CODEC, staging / PATCH_CODEC)
+                codec = faiss.read_index(str(path / PATCH_CODEC))
             db = sqlite3.connect(staging / ITEMS_DB)
             raw_codes = staging / (PATCH_CODES + ".part")
             states = None
@@ -678,8 +686,11 @@ def add_to_bundle(
                 for entry in manifest["states"].get("codecs", {}).values():
                     link_or_copy(path / entry["file"], staging / entry["file"])
             try:
-                with open(raw_codes, "wb") as codes_out:
-                    _copy_npy_rows(path / PATCH_CODES, codes_out)
+                with contextlib.ExitStack() as files:
+                    codes_out = None
+                    if codec is not None:
+                        codes_out = files.enter_context(open(raw_codes, "wb"))
+                        _copy_npy_rows(path / PATCH_CODES, codes_out)
                     if states is not None:
                         states.copy_rows(path)
                     # The bundle's stored grid decides the pooling (bundles before pooling kept every patch).
@@ -731,8 +742,9 @@ def add_to_bundle(
                     choose_factory(report.rows, manifest["indexes"]["dim"], config),
                     manifest["indexes"]["factory"],
                 )
-            code_shape = (report.rows, stored_patches(manifest), codec.sa_code_size())
-            _write_npy_from_raw(raw_codes, staging / PATCH_CODES, np.dtype(np.uint8), code_shape)
+            if codec is not None:
+                code_shape = (report.rows, stored_patches(manifest), codec.sa_code_size())
+                _write_npy_from_raw(raw_codes, staging / PATCH_CODES, np.dtype(np.uint8), code_shape)
             for name, new in ((TOKEN_IDS, encoded.token_ids), (TOKEN_LENGTHS, encoded.token_lengths)):
                 old = np.load(path / name, allow_pickle=False)
                 np.save(staging / name, np.concatenate([old, *new]), allow_pickle=False)

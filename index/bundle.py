@@ -5,7 +5,8 @@
     text.faiss           text embeddings, searched by image queries
     patch_codec.faiss    the trained patch-feature codec (faiss sa_encode / sa_decode)
     patch_codes.npy      (rows, N, code_size) uint8: every item's patch grid as the encoder reads it
-                         (pooled, `patches_per_item` in the manifest), memory-mapped
+                         (pooled, `patches_per_item` in the manifest), memory-mapped; models without a
+                         fusion layer only (a fused model's re-ranking reads the states below)
     token_ids.npy        (rows, T) uint16/int32 word-piece ids, right-padded; token_lengths.npy (rows,)
     items.sqlite         metadata, row = faiss id, with the `removed` flag
     text_states.npy      models with a fusion layer only (`FashionBertConfig.fusion_layer`): (rows, T, code)
@@ -50,7 +51,8 @@ IMAGE_INDEX, TEXT_INDEX = "image.faiss", "text.faiss"
 PATCH_CODEC, PATCH_CODES = "patch_codec.faiss", "patch_codes.npy"
 TOKEN_IDS, TOKEN_LENGTHS = "token_ids.npy", "token_lengths.npy"
 ITEMS_DB = "items.sqlite"
-FILES = (IMAGE_INDEX, TEXT_INDEX, PATCH_CODEC, PATCH_CODES, TOKEN_IDS, TOKEN_LENGTHS, ITEMS_DB)
+FILES = (IMAGE_INDEX, TEXT_INDEX, TOKEN_IDS, TOKEN_LENGTHS, ITEMS_DB)
+PATCH_FILES = (PATCH_CODEC, PATCH_CODES)
 IMAGE_OFFSETS, TEXT_OFFSETS = "image_offsets.npy", "text_offsets.npy"
 BANK_TEXTS, BANK_IMAGES, BANK_GROUPS = "querybank_texts.npy", "querybank_images.npy", "querybank_groups.npy"
 QUERYBANK_FILES = (IMAGE_OFFSETS, TEXT_OFFSETS, BANK_TEXTS, BANK_IMAGES, BANK_GROUPS)
@@ -67,13 +69,14 @@ def bundle_files(manifest: Mapping[str, Any]) -> tuple[str, ...]:
     """The files a bundle with this manifest must hold."""
     return (
         FILES
+        + (PATCH_FILES if "patch_codec" in manifest else ())
         + (QUERYBANK_FILES if "querybank" in manifest else ())
         + (STATE_FILES if "states" in manifest else ())
         + (STATE_CODEC_FILES if manifest.get("states", {}).get("codecs") else ())
     )
 
 
-def file_entries(folder: Path, names: Sequence[str] = FILES) -> dict[str, dict[str, Any]]:
+def file_entries(folder: Path, names: Sequence[str]) -> dict[str, dict[str, Any]]:
     """The manifest's `files` section: size and sha256 of each bundle file."""
     return {
         name: {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
@@ -135,7 +138,8 @@ def check_model(manifest: Mapping[str, Any], fingerprint: str | None, where: Pat
 
 def stored_patches(manifest: Mapping[str, Any]) -> int:
     """Patches stored per item: the encoder's pooled grid, or every patch in bundles older than pooling."""
-    return int(manifest["patch_codec"].get("patches_per_item", manifest["model"]["num_patches"]))
+    section = manifest["patch_codec"] if "patch_codec" in manifest else manifest["states"]
+    return int(section.get("patches_per_item", manifest["model"]["num_patches"]))
 
 
 def _read_index(path: Path, dim: int, rows: int) -> faiss.Index:
@@ -173,12 +177,14 @@ class Bundle:
         self.nprobe = int(manifest["indexes"]["nprobe"])
         self.image_index = _read_index(path / IMAGE_INDEX, self.embed_dim, self.rows)
         self.text_index = _read_index(path / TEXT_INDEX, self.embed_dim, self.rows)
-        self.codec = _read_index(path / PATCH_CODEC, self.patch_feature_dim, 0)
-        code_size = self.codec.sa_code_size()
-        # Memory-mapped: only the shortlisted items' codes are ever paged in.
-        self._codes = _load_array(
-            path / PATCH_CODES, (self.rows, self.patches_per_item, code_size), mmap=True
-        )
+        # Patch codes: only in bundles of models without a fusion layer (older fused bundles have them too).
+        self.codec: faiss.Index | None = None
+        if "patch_codec" in manifest:
+            self.codec = _read_index(path / PATCH_CODEC, self.patch_feature_dim, 0)
+            # Memory-mapped: only the shortlisted items' codes are ever paged in.
+            self._codes = _load_array(
+                path / PATCH_CODES, (self.rows, self.patches_per_item, self.codec.sa_code_size()), mmap=True
+            )
         max_len = int(manifest["tokens"]["max_len"])
         self._token_ids = _load_array(path / TOKEN_IDS, (self.rows, max_len))
         self._token_lengths = _load_array(path / TOKEN_LENGTHS, (self.rows,))
@@ -291,6 +297,9 @@ class Bundle:
 
     def patch_features(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
         """(len(rows), N, D) float32 patch features decoded for the cross-encoder."""
+        assert self.codec is not None, (
+            "this bundle stores states, not patch codes: its model has a fusion layer"
+        )
         rows = self._check_rows(rows)
         return decode(self.codec, np.asarray(self._codes[rows]))
 

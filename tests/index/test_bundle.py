@@ -9,7 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index.bundle import FILES, FORMAT_VERSION, MANIFEST, PATCH_CODES, TEXT_INDEX, Bundle, BundleError
+from index.bundle import (
+    FILES,
+    FORMAT_VERSION,
+    MANIFEST,
+    PATCH_CODES,
+    PATCH_FILES,
+    TEXT_INDEX,
+    Bundle,
+    BundleError,
+)
 from model.patches import pool_grid
 from tests.index.conftest import BASE_ITEMS
 
@@ -27,7 +36,7 @@ def test_build_writes_a_verified_manifest(base_bundle: Path, tiny_inference) -> 
             "removed": 0,
             "skipped_unreadable": 0,
         }
-        assert set(manifest["files"]) == set(FILES)
+        assert set(manifest["files"]) == set(FILES + PATCH_FILES)
         assert all(len(entry["sha256"]) == 64 for entry in manifest["files"].values())
         assert manifest["catalogues"][0]["fingerprint"]
         # The 8 x 8 grid is stored pooled 2 x 2, as the encoder reads it; PQ64: 64 bytes a patch.

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from index.build import add_to_bundle, build_bundle
-from index.bundle import STATE_CODEC_FILES, STATE_FILES, Bundle
+from index.bundle import PATCH_FILES, STATE_CODEC_FILES, STATE_FILES, Bundle
 from model.pair_states import PairStates
 from tests.index.conftest import TEST_CONFIG
 
@@ -45,6 +45,9 @@ def test_float16_states_are_stored_for_built_and_added_items(
         )
         assert "codecs" not in bundle.manifest["states"]
         assert not any((out / name).exists() for name in STATE_CODEC_FILES)
+        # Re-ranking reads the states, so the bundle carries no patch codes.
+        assert "patch_codec" not in bundle.manifest and bundle.codec is None
+        assert not any((out / name).exists() for name in PATCH_FILES)
         rows = np.arange(28)
         token_ids = bundle.token_ids(rows)
         text, mask = bundle.text_states(rows)
@@ -78,6 +81,8 @@ def test_coded_states_are_stored_for_built_and_added_items(
     with Bundle.open(out) as bundle:
         section = bundle.manifest["states"]
         assert section["dtype"] == "uint8" and set(STATE_CODEC_FILES) <= set(bundle.manifest["files"])
+        assert not set(PATCH_FILES) & set(bundle.manifest["files"])
+        assert not any((out / name).exists() for name in PATCH_FILES)
         # 64 bytes a state, against 2 * hidden in float16: the whole point.
         for name, length in zip(STATE_FILES, (bundle.manifest["tokens"]["max_len"], 16), strict=True):
             assert section["codecs"][name]["factory"] == "PQ64"
