@@ -84,6 +84,10 @@ class Encoder(Protocol):
     # Models with a fusion layer (config.fusion_layer > 0) only: each side's states below it.
     def text_states(self, token_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]: ...
 
+    def encode_token_ids_with_states(
+        self, token_ids: Sequence[Sequence[int]], batch_size: int = ...
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
     def image_states(self, patch_features: np.ndarray) -> np.ndarray: ...
 
 
@@ -146,14 +150,21 @@ class _StateStreams:
         for name, out in self.files.items():
             _copy_npy_rows(bundle / name, out)
 
-    def write(self, encoder: Encoder, token_ids: Sequence[Sequence[int]], pooled_patches: np.ndarray) -> None:
-        text, _ = encoder.text_states(token_ids)  # (n, T, H), T the chunk's longest text
-        text = np.pad(text, ((0, 0), (0, self.max_len - text.shape[1]), (0, 0)))
+    def write(self, encoder: Encoder, text: np.ndarray, mask: np.ndarray, pooled_patches: np.ndarray) -> None:
+        """Append rows: (n, T, H) text states and their (n, T) mask (T the chunk's longest text), and the
+        rows' pooled patches, whose states are computed here."""
+        pad = ((0, 0), (0, self.max_len - text.shape[1]))
+        text, mask = np.pad(text, (*pad, (0, 0))), np.pad(mask, pad)
         image = encoder.image_states(pooled_patches)  # (n, N, H)
         self.hidden = text.shape[-1]
-        for name, states in zip(STATE_FILES, (text, image), strict=True):
-            stored = encode(self.codecs[name], states) if self.codecs else states.astype(np.float16)
-            self.files[name].write(np.ascontiguousarray(stored).tobytes())
+        if not self.codecs:
+            stored = (text.astype(np.float16), image.astype(np.float16))
+        else:  # padding rows stay zero codes: only the word pieces are worth encoding
+            codes = np.zeros((*mask.shape, self.codecs[STATE_FILES[0]].sa_code_size()), np.uint8)
+            codes[mask] = encode(self.codecs[STATE_FILES[0]], text[mask])
+            stored = (codes, encode(self.codecs[STATE_FILES[1]], image))
+        for name, array in zip(STATE_FILES, stored, strict=True):
+            self.files[name].write(np.ascontiguousarray(array).tobytes())
 
     def finish(self, rows: int) -> dict[str, Any]:
         """Wrap the raw files as .npy of `rows` rows; the manifest's `states` section (less `codecs`)."""
@@ -288,15 +299,25 @@ class _EncodePass:
     states: _StateStreams | None = None
 
 
-def _encode_texts(encoder: Encoder, token_ids: Sequence[Sequence[int]], batch_size: int) -> np.ndarray:
+def _encode_texts(
+    encoder: Encoder, token_ids: Sequence[Sequence[int]], batch_size: int, with_states: bool = False
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
     """(n, E) text embeddings, each distinct text through the tower once (colour variants often share one
-    description), shortest first so each model batch pads only to its own longest text."""
+    description), shortest first so each model batch pads only to its own longest text; `with_states`
+    (a fused model) also gives the texts' (n, T, H) states below the fusion layer and their (n, T) mask,
+    from the same pass."""
     distinct = list(dict.fromkeys(tuple(ids) for ids in token_ids))
     order = np.argsort([len(ids) for ids in distinct], kind="stable")
-    embeddings = encoder.encode_token_ids([distinct[i] for i in order], batch_size=batch_size)
-    embeddings = embeddings[np.argsort(order)]  # back to `distinct` order
+    by_length = [distinct[i] for i in order]
+    states = None
+    if with_states:
+        embeddings, text, mask = encoder.encode_token_ids_with_states(by_length, batch_size=batch_size)
+        states = (text, mask)
+    else:
+        embeddings = encoder.encode_token_ids(by_length, batch_size=batch_size)
     row = {ids: i for i, ids in enumerate(distinct)}
-    return embeddings[[row[tuple(ids)] for ids in token_ids]]
+    rows = np.argsort(order)[[row[tuple(ids)] for ids in token_ids]]  # into the by-length order
+    return embeddings[rows], None if states is None else (states[0][rows], states[1][rows])
 
 
 def _encode(
@@ -350,7 +371,10 @@ def _encode(
                 t = timed("image_tower", t)
 
                 token_ids = encoder.tokenize([item.text for item in kept.items])
-                encoded.text_embeddings.append(_encode_texts(encoder, token_ids, config.batch_size))
+                embeddings, text_states = _encode_texts(
+                    encoder, token_ids, config.batch_size, with_states=job.states is not None
+                )
+                encoded.text_embeddings.append(embeddings)
                 t = timed("text_tower", t)
 
                 padded = np.zeros((len(kept), max_len), dtype=token_dtype)
@@ -364,8 +388,8 @@ def _encode(
                 if codes_out is not None:
                     codes_out.write(encode(job.codec, pooled).tobytes())
                     t = timed("patch_codes", t)
-                if job.states is not None:
-                    job.states.write(encoder, token_ids, pooled)
+                if job.states is not None and text_states is not None:
+                    job.states.write(encoder, *text_states, pooled)
                     t = timed("states", t)
 
                 metadata.insert_items(db, row, kept.items, catalogue.source)

@@ -213,6 +213,17 @@ class FashionBert(nn.Module):
         hidden = self._encode(self.bert.embeddings(input_ids=input_ids), attention_mask)  # (B, T, H)
         return F.normalize(self.text_projection(_mean_pool(hidden, attention_mask)).float(), dim=-1)
 
+    def encode_text_and_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode_text` and `text_states` from one pass: the text tower is the shared encoder reading the
+        text alone, so its pass goes through the states below the fusion layer. An index build of a fused
+        model needs both for every item: (B, E) embedding, (B, T, H) states."""
+        states = self.text_states(input_ids, attention_mask)
+        hidden = self._layers(states, attention_mask, self.config.fusion_layer, len(self.bert.encoder.layer))
+        embedding = F.normalize(self.text_projection(_mean_pool(hidden, attention_mask)).float(), dim=-1)
+        return embedding, states
+
     def encode_image(self, patch_features: torch.Tensor) -> torch.Tensor:
         """Image patches alone -> L2-normalised recall embedding (B, E)."""
         pooled = patch_features.float().mean(1)  # (B, D): the patch network's global average pool

@@ -184,6 +184,26 @@ class FashionBertInference:
         return states, mask
 
     @torch.inference_mode()
+    def encode_token_ids_with_states(
+        self, token_ids: Sequence[Sequence[int]], batch_size: int = 256
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`encode_token_ids` and `text_states` at the cost of the first alone (an index build of a fused
+        model): (n, E) embeddings, (n, T, H) states and their (n, T) mask."""
+        if self.matcher is not self.model:  # the int8 copy's states are not the tower pass's
+            return (self.encode_token_ids(token_ids, batch_size), *self.text_states(token_ids, batch_size))
+        lengths = np.array([len(ids) for ids in token_ids], dtype=np.int64)
+        mask = np.arange(lengths.max(initial=0)) < lengths[:, None]  # (n, T)
+        states = np.zeros((*mask.shape, self.model.bert.config.hidden_size), STATES_DTYPE)
+        embeddings = np.zeros((len(token_ids), self.config.embed_dim), np.float32)
+        for start in range(0, len(token_ids), batch_size):
+            ids, chunk_mask = self.pad(token_ids[start : start + batch_size])
+            with autocast(self.device):
+                embedding, chunk = self.model.encode_text_and_states(ids, chunk_mask)
+            embeddings[start : start + len(ids)] = embedding.float().cpu().numpy()
+            states[start : start + len(ids), : chunk.shape[1]] = chunk.float().cpu().numpy()
+        return embeddings, states, mask
+
+    @torch.inference_mode()
     def image_states(self, patch_features: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Images' side of re-rank pairs: (n, N, D) patch features (either grid) -> (n, N', H) states below
         the fusion layer on the grid the encoder reads."""

@@ -233,10 +233,26 @@ def test_each_distinct_text_goes_through_the_tower_once() -> None:
             self.seen += [tuple(ids) for ids in token_ids]
             return np.array([[len(ids), sum(ids)] for ids in token_ids], np.float32)
 
-    encoder = Recording()
+        def encode_token_ids_with_states(self, token_ids, batch_size: int = 256):
+            """States that spell out each text's ids, so a row mixed up with another shows."""
+            longest = max(len(ids) for ids in token_ids)
+            states = np.zeros((len(token_ids), longest, 1), np.float16)
+            for row, ids in enumerate(token_ids):
+                states[row, : len(ids), 0] = ids
+            mask = np.arange(longest) < np.array([len(ids) for ids in token_ids])[:, None]
+            return self.encode_token_ids(token_ids, batch_size), states, mask
+
     token_ids = [[1, 5, 2], [1, 7, 8, 2], [1, 5, 2], [1, 2], [1, 7, 8, 2]]
-    embeddings = index.build._encode_texts(encoder, token_ids, batch_size=2)
-    assert sorted(encoder.seen) == sorted({tuple(ids) for ids in token_ids})  # three distinct, once each
-    assert [len(ids) for ids in encoder.seen] == [2, 3, 4]  # shortest first
     expected = np.array([[len(ids), sum(ids)] for ids in token_ids], np.float32)
-    np.testing.assert_array_equal(embeddings, expected)  # every row its own text's embedding
+    for with_states in (False, True):
+        encoder = Recording()
+        embeddings, states = index.build._encode_texts(encoder, token_ids, 2, with_states=with_states)
+        assert sorted(encoder.seen) == sorted({tuple(ids) for ids in token_ids})  # three distinct, once each
+        assert [len(ids) for ids in encoder.seen] == [2, 3, 4]  # shortest first
+        np.testing.assert_array_equal(embeddings, expected)  # every row its own text's embedding
+        if not with_states:
+            assert states is None
+            continue
+        assert states is not None
+        text, mask = states  # and its own text's states, from the same pass
+        assert [text[row, mask[row], 0].tolist() for row in range(len(token_ids))] == token_ids

@@ -97,6 +97,21 @@ def test_scores_from_side_states_are_the_match_scores(fusion_layer: int) -> None
     np.testing.assert_allclose(inference.score_states(query), expected, atol=2e-2)
 
 
+@pytest.mark.parametrize("fusion_layer", [0, 1])
+def test_one_text_pass_gives_the_tower_embedding_and_the_side_states(fusion_layer: int) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(resolve_text_model(DEFAULT_TEXT_MODEL))
+    inference = FashionBertInference(tiny(fusion_layer), tokenizer)
+    # Unsorted lengths across two batches: rows must come back in the caller's order.
+    texts = ["a red wool jumper with long sleeves and ribbed cuffs", "cap", "black satin midi skirt"]
+    token_ids = inference.tokenize(texts)
+    embeddings, states, mask = inference.encode_token_ids_with_states(token_ids, batch_size=2)
+    np.testing.assert_allclose(embeddings, inference.encode_token_ids(token_ids), atol=1e-2)
+    expected_states, expected_mask = inference.text_states(token_ids)
+    np.testing.assert_array_equal(mask, expected_mask)
+    np.testing.assert_allclose(states[mask], expected_states[mask], atol=2e-2)
+    assert states.dtype == np.float16
+
+
 @pytest.mark.parametrize("fusion_layer", [-1, 2])
 def test_a_fusion_layer_must_leave_a_joint_layer(fusion_layer: int) -> None:
     with pytest.raises(ValueError, match="fusion_layer"):
