@@ -179,6 +179,7 @@ class Bundle:
         self.text_index = _read_index(path / TEXT_INDEX, self.embed_dim, self.rows)
         # Patch codes: only in bundles of models without a fusion layer (older fused bundles have them too).
         self.codec: faiss.Index | None = None
+        self._codes: np.ndarray | None = None
         if "patch_codec" in manifest:
             self.codec = _read_index(path / PATCH_CODEC, self.patch_feature_dim, 0)
             # Memory-mapped: only the shortlisted items' codes are ever paged in.
@@ -297,7 +298,7 @@ class Bundle:
 
     def patch_features(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
         """(len(rows), N, D) float32 patch features decoded for the cross-encoder."""
-        assert self.codec is not None, (
+        assert self.codec is not None and self._codes is not None, (
             "this bundle stores states, not patch codes: its model has a fusion layer"
         )
         rows = self._check_rows(rows)
