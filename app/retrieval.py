@@ -37,9 +37,6 @@ logger = logging.getLogger(__name__)
 Modality = Literal["text", "image"]
 _T = TypeVar("_T")
 
-# Threads for index work: a search takes about a millisecond, so a few serve any concurrency.
-INDEX_THREADS = 4
-
 
 class SearchBundle(Protocol):
     """What the service needs from an index bundle (`index.bundle.Bundle`)."""
@@ -190,11 +187,11 @@ class SearchService:
         # never on the event loop (torch releases the GIL while it computes), and a hung one is abandoned
         # at its deadline instead of holding every call behind it.
         self.model_lane = ModelLane(settings.model_call_timeout_s, settings.max_abandoned_model_calls)
-        # Index work (faiss search, patch decoding, stored states) on threads whose faiss runs on
+        # Index work (faiss search, patch decoding, stored states, opening bundles) on threads whose faiss runs on
         # `faiss_threads` (OpenMP's thread count is each thread's own): faiss' workers spin after a call and
         # would take a core from the model thread's next one.
         self.index_threads = ThreadPoolExecutor(
-            INDEX_THREADS,
+            settings.index_threads,
             thread_name_prefix="index",
             initializer=_set_faiss_threads,
             initargs=(settings.faiss_threads,),
@@ -256,7 +253,7 @@ class SearchService:
             if path is None:
                 raise ApiError(422, "bad_bundle", "no bundle path given and none configured")
             try:
-                bundle = await asyncio.to_thread(self.bundle_opener, path)
+                bundle = await self._in_index_thread(self.bundle_opener, path)  # faiss reads indexes
                 await self.warm_up(bundle)  # proves the bundle fits the model before it serves anyone
             except Exception as error:  # any failure to open or search the new bundle refuses it
                 logger.warning("reload of %s refused: %s", path, error)

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     # faiss' OpenMP threads per index call (recall, patch decoding). One: a query's search takes about a
     # millisecond, and more threads spin-wait after it on the cores the model thread's next call needs.
     faiss_threads: int = Field(default=1, ge=1)
+    # Threads that run index calls (recall, stored states, bundle opening). A call takes about a
+    # millisecond, so a few serve any concurrency; more only help with many slow filters or a slow disk.
+    index_threads: int = Field(default=4, ge=1)
     # A bundle or model that fails to load: False keeps the process up with /readyz 503 and the reason;
     # True makes start-up fail so the process exits non-zero (for supervisors that restart or alert).
     exit_on_startup_error: bool = False

@@ -96,23 +96,34 @@ def test_index_work_runs_faiss_on_one_thread(
 
     catalogue = hm_slice[0]
     bundle = build_slice_bundle(catalogue.items[:8], tmp_path / "bundle")
-    settings = Settings(_env_file=None, model_dir=tiny_checkpoint, index_dir=bundle, device="cpu")
+    settings = Settings(
+        _env_file=None,
+        model_dir=tiny_checkpoint,
+        index_dir=bundle,
+        device="cpu",
+        admin_api_key="admin",
+        index_threads=2,
+    )
     app = create_app(settings)
     with ready_client(app) as client:
-        serving, seen = app.state.service.bundle, []
+        service, seen = app.state.service, []
+        assert service.index_threads._max_workers == 2  # FASHIONBERT_INDEX_THREADS
 
-        def recording(read: Any) -> Any:
+        def recording(read: Any, name: str) -> Any:
             def call(*args: Any, **kwargs: Any) -> Any:
-                seen.append((read.__name__, faiss.omp_get_max_threads()))
+                seen.append((name, faiss.omp_get_max_threads()))
                 return read(*args, **kwargs)
 
             return call
 
         for name in ("search_images", "search_texts", "patch_features"):
-            setattr(serving, name, recording(getattr(serving, name)))
+            setattr(service.bundle, name, recording(getattr(service.bundle, name), name))
         item = catalogue.items[3]
         assert client.post("/search/text", json={"query": item.text}).status_code == 200
         upload = {"file": ("q.jpg", catalogue.image_bytes(item), "image/jpeg")}
         assert client.post("/search/image", files=upload).status_code == 200
-    assert {name for name, _ in seen} == {"search_images", "search_texts", "patch_features"}
+        # A reload reads the new bundle's faiss indexes on an index thread too.
+        service.bundle_opener = recording(service.bundle_opener, "open bundle")
+        assert client.post("/admin/reload", headers={"X-API-Key": "admin"}).status_code == 200
+    assert {name for name, _ in seen} == {"search_images", "search_texts", "patch_features", "open bundle"}
     assert {threads for _, threads in seen} == {1}

@@ -26,6 +26,12 @@ def tiny(fusion_layer: int) -> FashionBert:
     return FashionBert(config).eval()
 
 
+def tiny_inference(fusion_layer: int) -> FashionBertInference:
+    """`tiny` behind the inference wrapper, with MiniLM's WordPiece vocabulary."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_text_model(DEFAULT_TEXT_MODEL))
+    return FashionBertInference(tiny(fusion_layer), tokenizer)
+
+
 def reference_joint_pass(
     model: FashionBert, ids: torch.Tensor, mask: torch.Tensor, patches: torch.Tensor, fusion_layer: int
 ) -> torch.Tensor:
@@ -61,8 +67,7 @@ def test_the_joint_pass_masks_attention_across_sides_below_the_fusion_layer(fusi
 
 @pytest.mark.parametrize("fusion_layer", [0, 1])
 def test_scores_from_side_states_are_the_match_scores(fusion_layer: int) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(resolve_text_model(DEFAULT_TEXT_MODEL))
-    inference = FashionBertInference(tiny(fusion_layer), tokenizer)
+    inference = tiny_inference(fusion_layer)
     texts = ["black satin midi skirt", "a red wool jumper with long sleeves and ribbed cuffs", "cap"]
     token_ids = inference.tokenize(texts)
     patches = np.random.default_rng(0).standard_normal((3, 16, 32)).astype(np.float32)
@@ -99,8 +104,7 @@ def test_scores_from_side_states_are_the_match_scores(fusion_layer: int) -> None
 
 @pytest.mark.parametrize("fusion_layer", [0, 1])
 def test_one_text_pass_gives_the_tower_embedding_and_the_side_states(fusion_layer: int) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(resolve_text_model(DEFAULT_TEXT_MODEL))
-    inference = FashionBertInference(tiny(fusion_layer), tokenizer)
+    inference = tiny_inference(fusion_layer)
     # Unsorted lengths across two batches: rows must come back in the caller's order.
     texts = ["a red wool jumper with long sleeves and ribbed cuffs", "cap", "black satin midi skirt"]
     token_ids = inference.tokenize(texts)
@@ -131,8 +135,7 @@ def test_checkpoints_keep_their_fusion_layer_and_older_ones_read_as_zero(tmp_pat
 def test_evaluation_scores_a_fused_model_from_states_as_match_does() -> None:
     from model.evaluation import _match_pairs
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_text_model(DEFAULT_TEXT_MODEL))
-    inference = FashionBertInference(tiny(fusion_layer=1), tokenizer)
+    inference = tiny_inference(fusion_layer=1)
     token_ids = inference.tokenize(
         ["black satin midi skirt", "red wool jumper, ribbed cuffs", "cap", "socks"]
     )
