@@ -259,7 +259,12 @@ async def _terminate_under_load(service: Any, queries: Sequence[Query], after_s:
                     unanswered = "without sending a response" in str(error)
                     outcome = "refused" if unanswered else f"dropped:{type(error).__name__}"
                 except httpx.TransportError as error:
-                    outcome = f"dropped:{type(error).__name__}"
+                    # The same race can reset the connection instead (ReadError). A fresh connection opened
+                    # after SIGTERM was never handed a request to finish: uvicorn drains only requests it
+                    # had begun, so it is refused too; before SIGTERM, any such error is a lost request.
+                    reset = isinstance(error, httpx.ReadError | httpx.WriteError)  # not a timeout
+                    after_sigterm = terminated_at is not None and sent_at > terminated_at
+                    outcome = "refused" if reset and after_sigterm else f"dropped:{type(error).__name__}"
                 outcomes.append((sent_at, time.perf_counter(), outcome))
                 number += 8
                 if outcome == "refused":
