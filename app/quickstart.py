@@ -36,6 +36,9 @@ class UpConfig:
     limit: int | None = DEFAULT_ITEMS  # None = every item
     budget_minutes: float = 5.0  # training wall-clock budget when no model is there yet
     tiny: bool = False  # tiny random BERT instead of MiniLM (smoke tests)
+    # MiniLM's 6 layers read text and image apart below the last (the served default: one joint layer,
+    # a sixth of the re-rank work); the tiny BERT's 2 layers stay all joint.
+    fusion_layer: int = 5
     batch_size: int = 32
     device: str = "auto"
     host: str = "127.0.0.1"
@@ -110,7 +113,7 @@ def ensure_model(config: UpConfig, spec: str, run: Runner) -> Path:
         "100",
         "--device",
         config.device,
-        *(["--tiny"] if config.tiny else []),
+        *(["--tiny"] if config.tiny else ["--fusion-layer", str(config.fusion_layer)]),
     ]
     if config.model_run.exists() and (config.model_run / "last").is_dir():
         argv.append("--resume")  # an interrupted run goes on rather than starting over

@@ -187,9 +187,9 @@ class SearchService:
         # never on the event loop (torch releases the GIL while it computes), and a hung one is abandoned
         # at its deadline instead of holding every call behind it.
         self.model_lane = ModelLane(settings.model_call_timeout_s, settings.max_abandoned_model_calls)
-        # Index work (faiss search, patch decoding, stored states, opening bundles) on threads whose faiss runs on
-        # `faiss_threads` (OpenMP's thread count is each thread's own): faiss' workers spin after a call and
-        # would take a core from the model thread's next one.
+        # Index work (faiss search, patch decoding, stored states, opening bundles) on threads whose faiss
+        # runs on `faiss_threads` (OpenMP's thread count is each thread's own): faiss' workers spin after a
+        # call and would take a core from the model thread's next one.
         self.index_threads = ThreadPoolExecutor(
             settings.index_threads,
             thread_name_prefix="index",

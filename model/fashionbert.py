@@ -211,7 +211,7 @@ class FashionBert(nn.Module):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text alone -> L2-normalised recall embedding (B, E)."""
         hidden = self._encode(self.bert.embeddings(input_ids=input_ids), attention_mask)  # (B, T, H)
-        return F.normalize(self.text_projection(_mean_pool(hidden, attention_mask)).float(), dim=-1)
+        return self._text_embedding(hidden, attention_mask)
 
     def encode_text_and_states(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -221,8 +221,11 @@ class FashionBert(nn.Module):
         model needs both for every item: (B, E) embedding, (B, T, H) states."""
         states = self.text_states(input_ids, attention_mask)
         hidden = self._layers(states, attention_mask, self.config.fusion_layer, len(self.bert.encoder.layer))
-        embedding = F.normalize(self.text_projection(_mean_pool(hidden, attention_mask)).float(), dim=-1)
-        return embedding, states
+        return self._text_embedding(hidden, attention_mask), states
+
+    def _text_embedding(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The text tower's head: the top layer's (B, T, H) states, mean-pooled, projected, normalised."""
+        return F.normalize(self.text_projection(_mean_pool(hidden, attention_mask)).float(), dim=-1)
 
     def encode_image(self, patch_features: torch.Tensor) -> torch.Tensor:
         """Image patches alone -> L2-normalised recall embedding (B, E)."""

@@ -76,9 +76,16 @@ def test_first_run_trains_indexes_and_serves_then_reuses_both(tmp_path: Path) ->
     assert serve[serve.index("--model") + 1] == str(config.state_dir / "model" / "best")
     assert serve[serve.index("--index") + 1] == index[index.index("--out") + 1]
 
+    assert "--fusion-layer" not in train  # the tiny BERT's two layers stay joint
+
     again = FakeCommands()
     assert up(config, again) == 0
     assert again.commands() == ["serve"], "model and bundle are reused"
+
+    minilm = FakeCommands()  # MiniLM trains as the served default: fused below its last layer
+    assert up(UpConfig(**{**config.__dict__, "tiny": False, "state_dir": tmp_path / "minilm"}), minilm) == 0
+    train = minilm.calls[0]
+    assert "--tiny" not in train and train[train.index("--fusion-layer") + 1] == "5"
 
     other_data = FakeCommands()
     assert up(UpConfig(**{**config.__dict__, "limit": 6, "serve": False}), other_data) == 0
