@@ -22,21 +22,22 @@ def fused_inference(fused_checkpoint: Path):
     return FashionBertInference.from_checkpoint(fused_checkpoint, device="cpu")
 
 
-def _build_and_add(inference, hm_slice, slice_features, out: Path, states_codec: str) -> None:
-    catalogue, _ = hm_slice
+def _build_and_add(inference, hm_slice, slice_features, tmp_path: Path, states_codec: str):
+    """A fused bundle of 20 slice items plus 8 added: (its folder, the slice's patch features)."""
+    catalogue, features = hm_slice
+    out = tmp_path / "fused"
     config = dataclasses.replace(TEST_CONFIG, states_codec=states_codec)
     build_bundle(
         inference, catalogue.subset(catalogue.items[:20]), slice_features, out, config, progress=False
     )
     add_to_bundle(inference, out, catalogue.subset(catalogue.items[20:28]), slice_features, progress=False)
+    return out, features
 
 
 def test_float16_states_are_stored_for_built_and_added_items(
     hm_slice, fused_inference, slice_features, tmp_path: Path
 ) -> None:
-    _, features = hm_slice
-    out = tmp_path / "fused"
-    _build_and_add(fused_inference, hm_slice, slice_features, out, states_codec="")
+    out, features = _build_and_add(fused_inference, hm_slice, slice_features, tmp_path, states_codec="")
 
     with Bundle.open(out) as bundle:
         assert bundle.stores_states and bundle.rows == 28
@@ -73,9 +74,7 @@ def test_float16_states_are_stored_for_built_and_added_items(
 def test_coded_states_are_stored_for_built_and_added_items(
     hm_slice, fused_inference, slice_features, tmp_path: Path
 ) -> None:
-    _, features = hm_slice
-    out = tmp_path / "fused"
-    _build_and_add(fused_inference, hm_slice, slice_features, out, states_codec="PQ64")
+    out, features = _build_and_add(fused_inference, hm_slice, slice_features, tmp_path, states_codec="PQ64")
     hidden = fused_inference.model.bert.config.hidden_size
 
     with Bundle.open(out) as bundle:
