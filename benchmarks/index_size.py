@@ -132,16 +132,27 @@ def main() -> None:
             _, recalled_texts = bundle.search_texts(image_embeddings, args.candidates)
             logits: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
             errors = []
+
+            def record(direction: str, full: np.ndarray, compressed: np.ndarray) -> None:
+                """One query's logits from full-precision and from compressed re-rank inputs."""
+                sides = logits.setdefault(direction, ([], []))
+                sides[0].append(full)
+                sides[1].append(compressed)
+
+            def error(full: np.ndarray, compressed: np.ndarray) -> float:
+                full, compressed = full.astype(np.float32), compressed.astype(np.float32)
+                return float(((full - compressed) ** 2).sum() / (full**2).sum())
+
             for q, row in enumerate(query_rows):
                 candidates = with_true_first(row, recalled[q])
                 full = full_patches(candidates)
                 tokens = inference.tokenize([texts[q]]) * len(candidates)
                 if not bundle.stores_states:  # the encoder reads patch features: the codes' error
                     compressed = bundle.patch_features(candidates)
-                    pair = (inference.match(tokens, full), inference.match(tokens, compressed))
-                    errors.append(float(((full - compressed) ** 2).sum() / (full**2).sum()))
-                    for side, value in zip(logits.setdefault("text -> images", ([], [])), pair, strict=True):
-                        side.append(value)
+                    record(
+                        "text -> images", inference.match(tokens, full), inference.match(tokens, compressed)
+                    )
+                    errors.append(error(full, compressed))
                     continue
                 # A fused model: candidates' states from the model against the bundle's decoded codes,
                 # the logit's tower term the pair's tower cosine in both.
@@ -150,14 +161,14 @@ def main() -> None:
                 similarity = (inference.encode_images(full) @ text_embeddings[q]).astype(np.float32)
                 exact = inference.image_states(full)
                 coded = bundle.image_states(candidates)
-                exact32, coded32 = exact.astype(np.float32), coded.astype(np.float32)
-                errors.append(float(((exact32 - coded32) ** 2).sum() / (exact32**2).sum()))
-                pair = tuple(
-                    inference.score_states(PairStates(text, mask, image, similarity))
-                    for image in (exact, coded)
+                errors.append(error(exact, coded))
+                record(
+                    "text -> images",
+                    *(
+                        inference.score_states(PairStates(text, mask, image, similarity))
+                        for image in (exact, coded)
+                    ),
                 )
-                for side, value in zip(logits.setdefault("text -> images", ([], [])), pair, strict=True):
-                    side.append(value)
                 # The image query against candidate texts' states.
                 candidates = with_true_first(row, recalled_texts[q])
                 token_ids = bundle.token_ids(candidates)
@@ -166,12 +177,13 @@ def main() -> None:
                 exact_text, exact_mask = inference.text_states(token_ids)
                 coded_text, coded_mask = bundle.text_states(candidates)
                 assert (exact_mask == coded_mask).all()
-                pair = tuple(
-                    inference.score_states(PairStates(t, exact_mask, image, similarity))
-                    for t in (exact_text, coded_text)
+                record(
+                    "image -> texts",
+                    *(
+                        inference.score_states(PairStates(t, exact_mask, image, similarity))
+                        for t in (exact_text, coded_text)
+                    ),
                 )
-                for side, value in zip(logits.setdefault("image -> texts", ([], [])), pair, strict=True):
-                    side.append(value)
             if not bundle.stores_states:
                 one_item = features_for(catalogues[0].subset([all_items[0]]))[1]
                 codec_error = relative_error(bundle.codec, pool_grid(one_item, pool))

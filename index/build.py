@@ -535,7 +535,15 @@ def build_bundle(
         pool = encoder.config.patch_pool
         sample = _codec_sample(encoder, catalogues, patch_features, pool, config)
         codec, patch_section = None, None
-        if not _StateStreams.wanted(encoder):  # a fused model re-ranks from stored states, never patches
+        states, state_codecs, codecs_section = None, None, None
+        if _StateStreams.wanted(encoder):  # a fused model re-ranks from stored states, never patches
+            if config.states_codec:
+                state_codecs, codecs_section = _train_state_codecs(encoder, sample, config)
+                for name, entry in codecs_section.items():
+                    faiss.write_index(state_codecs[name], str(staging / entry["file"]))
+            states = _StateStreams(staging, encoder, state_codecs)
+            report.stages["train_states_codecs"] = time.perf_counter() - t  # drawing the sample too
+        else:
             patch_vectors = sample.pooled.reshape(-1, sample.pooled.shape[-1])
             codec, codec_factory = train_codec(patch_vectors, config.patch_codec)
             patch_section = {
@@ -549,14 +557,6 @@ def build_bundle(
                 "trained_on_patches": len(patch_vectors),
             }
             report.stages["train_codec"] = time.perf_counter() - t
-        states, state_codecs, codecs_section = None, None, None
-        if _StateStreams.wanted(encoder):  # the stage counts drawing the sample
-            if config.states_codec:
-                state_codecs, codecs_section = _train_state_codecs(encoder, sample, config)
-                for name, entry in codecs_section.items():
-                    faiss.write_index(state_codecs[name], str(staging / entry["file"]))
-            states = _StateStreams(staging, encoder, state_codecs)
-            report.stages["train_states_codecs"] = time.perf_counter() - t
         del sample  # free the sample before encoding
 
         db = metadata.create_items_db(staging / ITEMS_DB)

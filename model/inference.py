@@ -173,9 +173,7 @@ class FashionBertInference:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Texts' side of re-rank pairs: (n, T, H) states below the fusion layer, right-padded to the
         longest text, and the (n, T) bool mask of real word pieces."""
-        lengths = np.array([len(ids) for ids in token_ids], dtype=np.int64)
-        mask = np.arange(lengths.max(initial=0)) < lengths[:, None]  # (n, T)
-        states = np.zeros((*mask.shape, self.model.bert.config.hidden_size), STATES_DTYPE)
+        states, mask = self._empty_text_states(token_ids)
         for start in range(0, len(token_ids), batch_size):
             ids, chunk_mask = self.pad(token_ids[start : start + batch_size])
             with self._matcher_context():
@@ -191,9 +189,7 @@ class FashionBertInference:
         model): (n, E) embeddings, (n, T, H) states and their (n, T) mask."""
         if self.matcher is not self.model:  # the int8 copy's states are not the tower pass's
             return (self.encode_token_ids(token_ids, batch_size), *self.text_states(token_ids, batch_size))
-        lengths = np.array([len(ids) for ids in token_ids], dtype=np.int64)
-        mask = np.arange(lengths.max(initial=0)) < lengths[:, None]  # (n, T)
-        states = np.zeros((*mask.shape, self.model.bert.config.hidden_size), STATES_DTYPE)
+        states, mask = self._empty_text_states(token_ids)
         embeddings = np.zeros((len(token_ids), self.config.embed_dim), np.float32)
         for start in range(0, len(token_ids), batch_size):
             ids, chunk_mask = self.pad(token_ids[start : start + batch_size])
@@ -202,6 +198,12 @@ class FashionBertInference:
             embeddings[start : start + len(ids)] = embedding.float().cpu().numpy()
             states[start : start + len(ids), : chunk.shape[1]] = chunk.float().cpu().numpy()
         return embeddings, states, mask
+
+    def _empty_text_states(self, token_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Zero (n, T, H) text states to fill batch by batch, and their (n, T) mask; T the longest text."""
+        lengths = np.array([len(ids) for ids in token_ids], dtype=np.int64)
+        mask = np.arange(lengths.max(initial=0)) < lengths[:, None]
+        return np.zeros((*mask.shape, self.model.bert.config.hidden_size), STATES_DTYPE), mask
 
     @torch.inference_mode()
     def image_states(self, patch_features: np.ndarray, batch_size: int = 256) -> np.ndarray:
