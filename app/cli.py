@@ -206,7 +206,11 @@ def cmd_fit_image_tower(args: argparse.Namespace) -> int:
     inference = FashionBertInference(model, tokenizer, device="cpu")
     texts = inference.encode_texts([item.text for item in train.items])  # the locked text tower's
     config = TowerFitConfig(
-        steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+        towers=args.towers,
     )
     losses = fit_image_tower(inference.model, texts, train_features, text_codes(train), config)
     summary = {
@@ -216,12 +220,15 @@ def cmd_fit_image_tower(args: argparse.Namespace) -> int:
             "config": asdict(config),
             "train_items": len(train),
             "data_fingerprint": kept.fingerprint(),
-            "final_loss": losses[-1],
+            "final_loss": [tower_losses[-1] for tower_losses in losses],
             "wall_time_s": time.monotonic() - started,
         },
     }
     save_checkpoint(inference.model.eval(), tokenizer, args.out, summary)
-    print(f"image tower fitted on {len(train)} items in {len(losses)} steps; checkpoint in {args.out}")
+    print(
+        f"{len(losses)} image tower(s) fitted on {len(train)} items, {config.steps} steps each; "
+        f"checkpoint in {args.out}"
+    )
     return 0
 
 
@@ -324,6 +331,12 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     path = write_catalogue(args.out, SyntheticConfig(items=args.items, seed=args.seed))
     print(f"generated catalogue: --data jsonl:{path}")
     return 0
+
+
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value!r}")
+    return int(value)
 
 
 def _count_or_all(value: str) -> int | None:
@@ -671,7 +684,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the first tower's; tower k's is seed + k")
+    p.add_argument(
+        "--towers",
+        type=_positive_int,
+        default=8,
+        help="image towers to fit apart and average (an ensemble; default: %(default)s)",
+    )
 
     p = add(
         "eval", cmd_eval, "evaluate a checkpoint: the paper's sampled protocol and full-gallery retrieval"

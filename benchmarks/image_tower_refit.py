@@ -12,7 +12,13 @@ path), which can weigh the garment over the background. Fitting costs seconds, n
 the text tower does not move. Equal figures say the frozen patch network's features, not the pooling,
 bound recall. `--colour` adds a third tower: the mean path plus the model's colour path (model/colour.py)
 on the image's colour histogram, read from the colour extractor's cache (`fashionbert features --data
-SPEC` fills it); the other towers see the same CNN features as before.
+SPEC` fills it); the other towers see the same CNN features as before. `--ensemble` also prints, after
+each seed, the figures of the embeddings averaged over that tower's seeds so far (what `fashionbert
+fit-image-tower --towers K` serves), and `--scale` sets the InfoNCE temperature (`fit-image-tower` uses the
+model's own):
+
+    python benchmarks/image_tower_refit.py --model runs/hm-fusion5/listwise/best --data hm:../shared/data/hm \
+        --colour --towers colour --seeds 0,1,2,3,4,5,6,7 --ensemble --scale 18.78
 """
 
 from __future__ import annotations
@@ -145,6 +151,9 @@ def main() -> None:
     parser.add_argument(
         "--colour", action="store_true", help="read colour histograms too (needed by the colour tower)"
     )
+    parser.add_argument(
+        "--ensemble", action="store_true", help="also rank by each tower's embeddings averaged over its seeds"
+    )
     args = parser.parse_args()
 
     inference = FashionBertInference.from_checkpoint(args.model, device="cpu")
@@ -167,27 +176,32 @@ def main() -> None:
     own = val_patches[..., : config.patch_feature_dim]  # the features the model reads
     print(f"the model's own image tower: {gallery(inference.encode_images(own))}", flush=True)
     towers = {
-        "mean": ("mean pool, re-fitted", lambda: MeanPoolTower(model.image_projection)),
+        "mean": ("mean pool, re-fitted", lambda: MeanPoolTower(model.image_towers[0].projection)),
         "attention": (
             "attention pool, fitted",
             lambda: AttentionPoolTower(config.cnn_feature_dim, hidden, embed_dim, config.num_patches),
         ),
         "colour": (
             "mean pool + colour histogram, fitted",
-            lambda: ColourTower(model.image_projection, patch_config.colour_dim),
+            lambda: ColourTower(model.image_towers[0].projection, patch_config.colour_dim),
         ),
     }
     for key in args.towers.split(","):
         name, build = towers[key]
         if key == "colour" and not args.colour:
             raise SystemExit("error: the colour tower needs --colour")
+        members: list[np.ndarray] = []
         for seed in (int(seed) for seed in args.seeds.split(",")):
             torch.manual_seed(seed)
             args.seed = seed
             tower = build().float()
             print(f"{name}, seed {seed}:", flush=True)
             fit(tower, train_patches, train_texts, text_codes(train), args)
-            print(f"{name}, seed {seed}: {gallery(embed(tower, val_patches))}", flush=True)
+            members.append(embed(tower, val_patches))
+            print(f"{name}, seed {seed}: {gallery(members[-1])}", flush=True)
+            if args.ensemble:
+                averaged = F.normalize(torch.from_numpy(np.mean(members, 0)), dim=-1).numpy()
+                print(f"{name}, ensemble of {len(members)}: {gallery(averaged)}", flush=True)
 
 
 if __name__ == "__main__":

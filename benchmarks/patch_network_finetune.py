@@ -157,7 +157,9 @@ def main() -> None:
     backbone = get_backbone(patch_config.backbone)
     net = backbone.build()
     net.load_state_dict(torch.load(extractor.weights_path, map_location="cpu", weights_only=True))
-    tower = TunedTower(net, args.first_block, model.image_projection, patch_config.colour_dim).float()
+    tower = TunedTower(
+        net, args.first_block, model.image_towers[0].projection, patch_config.colour_dim
+    ).float()
     frozen = args.cnn_lr == 0
     if frozen:
         tower.requires_grad_(False)

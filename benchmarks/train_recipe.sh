@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The best recipe found so far, fitted into one 60-minute training budget: pre-train all four tasks,
 # fine-tune the alignment and recall towers listwise on mined near neighbours (unmasked pairs), refit the
-# image tower to the locked text tower (it learns the colour histograms), then evaluate the result on the
+# image tower to the locked text tower as an ensemble of 8 (it learns the colour histograms), then evaluate the result on the
 # validation part as benchmarks/train_eval.sh does. Each phase is what README "Results on H&M" measured
 # in longer runs one at a time; here they share the budget. Extra arguments go to the pre-training.
 #

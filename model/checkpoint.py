@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from model.config import FashionBertConfig
@@ -57,7 +57,7 @@ def load_checkpoint(path: str | Path) -> tuple[FashionBert, PreTrainedTokenizerB
         raise CheckpointError(f"{path / CONFIG_FILE}: has no BERT config")
     model = FashionBert(config)
     try:
-        load_model(model, str(path / WEIGHTS_FILE), strict=True)
+        model.load_state_dict(_renamed_legacy_keys(load_file(path / WEIGHTS_FILE)), strict=True)
     except Exception as error:  # safetensors raises several types for bad files
         raise CheckpointError(f"{path / WEIGHTS_FILE}: weights do not fit the config ({error})") from error
     try:
@@ -66,6 +66,23 @@ def load_checkpoint(path: str | Path) -> tuple[FashionBert, PreTrainedTokenizerB
         raise CheckpointError(f"{path}: tokenizer files are missing or unreadable ({error})") from error
     model.eval()
     return model, tokenizer
+
+
+# Checkpoints written before image-tower ensembles held their one image tower under these names.
+_LEGACY_PREFIXES = {
+    "image_projection.": "image_towers.0.projection.",
+    "image_colour_projection.": "image_towers.0.colour.",
+}
+
+
+def _renamed_legacy_keys(state: dict[str, Any]) -> dict[str, Any]:
+    renamed = {}
+    for key, value in state.items():
+        for old, new in _LEGACY_PREFIXES.items():
+            if key.startswith(old):
+                key = new + key.removeprefix(old)
+        renamed[key] = value
+    return renamed
 
 
 def read_summary(path: str | Path) -> dict[str, Any]:

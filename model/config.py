@@ -53,6 +53,9 @@ class FashionBertConfig:
     fusion_layer: int = 0
     # One-modality recall embeddings (pooled, projected, L2-normalised).
     embed_dim: int = 256
+    # Image towers whose embeddings are averaged: an ensemble fitted apart, each from its own seed, generalises
+    # better than one tower on these few thousand pairs (README, "Image tower ensemble").
+    image_towers: int = 1
     # Pre-training task settings (the paper's rates).
     mlm_probability: float = 0.15
     mpm_probability: float = 0.10

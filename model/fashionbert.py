@@ -36,6 +36,27 @@ def colour_path(in_dim: int, out_dim: int) -> nn.Module | None:
     return path
 
 
+class ImageTower(nn.Module):
+    """An image's pooled patch feature (B, D) -> its recall embedding (B, E), not normalised: an MLP on the
+    CNN part, plus the colour path on the colour histogram, summed: ImageNet features barely tell beige from
+    black (model/colour.py)."""
+
+    def __init__(self, cnn_dim: int, colour_dim: int, hidden: int, embed_dim: int):
+        super().__init__()
+        self.cnn_dim = cnn_dim
+        self.projection = nn.Sequential(
+            nn.LayerNorm(cnn_dim), nn.Linear(cnn_dim, hidden), nn.GELU(), nn.Linear(hidden, embed_dim)
+        )
+        self.colour = colour_path(colour_dim, embed_dim)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        pooled = pooled.to(self.projection[1].weight.dtype)  # bf16 when serving holds bf16 weights
+        embedding = self.projection(pooled[:, : self.cnn_dim])
+        if self.colour is not None:
+            embedding = embedding + self.colour(pooled[:, self.cnn_dim :])
+        return embedding
+
+
 class PatchEmbeddings(nn.Module):
     """Patch feature -> hidden size, plus the patch's grid-position and the image segment embedding. The
     CNN part and the colour histogram (when there is one) are projected apart and summed."""
@@ -97,17 +118,13 @@ class FashionBert(nn.Module):
         self.tower_scale = nn.Parameter(torch.tensor(10.0))
         # Text tower: the shared encoder on the text alone, mean-pooled and projected.
         self.text_projection = nn.Linear(hidden, config.embed_dim)
-        # Image tower: the patch network's features pooled over the image and projected by a small MLP,
-        # so recall embeddings cost no encoder pass (index builds and image queries stay cheap).
-        self.image_projection = nn.Sequential(
-            nn.LayerNorm(config.cnn_feature_dim),
-            nn.Linear(config.cnn_feature_dim, hidden),
-            nn.GELU(),
-            nn.Linear(hidden, config.embed_dim),
+        # Image tower: the patch network's features pooled over the image and read by small MLPs, so recall
+        # embeddings cost no encoder pass (index builds and image queries stay cheap). `image_towers` > 1 is
+        # an ensemble of towers fitted apart (`model.tower_fit`), their embeddings averaged.
+        self.image_towers = nn.ModuleList(
+            ImageTower(config.cnn_feature_dim, config.colour_dim, hidden, config.embed_dim)
+            for _ in range(config.image_towers)
         )
-        # The image's colour histogram (the mean of its patches') gets its own small MLP, summed in: ImageNet
-        # features barely tell beige from black (model/colour.py).
-        self.image_colour_projection = colour_path(config.colour_dim, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(2.6593))  # log(1 / 0.07), as CLIP
         self.check_fusion_layer()
 
@@ -228,14 +245,12 @@ class FashionBert(nn.Module):
         return F.normalize(self.text_projection(_mean_pool(hidden, attention_mask)).float(), dim=-1)
 
     def encode_image(self, patch_features: torch.Tensor) -> torch.Tensor:
-        """Image patches alone -> L2-normalised recall embedding (B, E)."""
+        """Image patches alone -> L2-normalised recall embedding (B, E): the mean of the towers' embeddings."""
         pooled = patch_features.float().mean(1)  # (B, D): the patch network's global average pool
-        pooled = pooled.to(self.image_projection[0].weight.dtype)  # bf16 when serving holds bf16 weights
-        cnn_dim = self.config.cnn_feature_dim
-        embedding = self.image_projection(pooled[:, :cnn_dim])
-        if self.image_colour_projection is not None:
-            embedding = embedding + self.image_colour_projection(pooled[:, cnn_dim:])
-        return F.normalize(embedding.float(), dim=-1)
+        members = [F.normalize(tower(pooled).float(), dim=-1) for tower in self.image_towers]
+        if len(members) == 1:
+            return members[0]
+        return F.normalize(torch.stack(members).mean(0), dim=-1)
 
     def match(
         self,

@@ -629,5 +629,5 @@ def grow_colour_path(model: FashionBert) -> FashionBert:
     )
     grown = FashionBert(config, bert=model.bert)
     missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
-    assert not unexpected and all("colour_projection" in key for key in missing), (missing, unexpected)
+    assert not unexpected and all(".colour" in key for key in missing), (missing, unexpected)
     return grown

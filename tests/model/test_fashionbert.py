@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, BertModel
 
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -149,6 +151,42 @@ def test_checkpoint_round_trip(tiny: FashionBert, tokenizer, tmp_path) -> None:
     assert inference.match(inference.tokenize(["a", "b c"]), patches.repeat(2, 1, 1).numpy()).shape == (2,)
 
 
+def test_checkpoints_from_before_tower_ensembles_load(tiny: FashionBert, tokenizer, tmp_path) -> None:
+    """Older checkpoints named their one image tower `image_projection` / `image_colour_projection`."""
+    save_checkpoint(tiny, tokenizer, tmp_path / "ckpt", {})
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    state = load_file(weights)
+    old = {
+        key.replace("image_towers.0.projection.", "image_projection."): value for key, value in state.items()
+    }
+    assert old.keys() != state.keys()
+    save_file(old, weights)
+    loaded, _ = load_checkpoint(tmp_path / "ckpt")
+    patches = torch.randn(3, 16, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(patches), tiny.encode_image(patches), rtol=0, atol=0)
+
+
+def test_an_ensemble_of_image_towers_averages_their_embeddings(tokenizer, tmp_path) -> None:
+    torch.manual_seed(0)
+    config = FashionBertConfig(
+        bert=dict(TINY_BERT), patch_feature_dim=32, num_patches=16, embed_dim=16, image_towers=3
+    )
+    model = FashionBert(config).eval()
+    patches = torch.randn(4, 16, 32)
+    pooled = patches.mean(1)
+    with torch.no_grad():
+        members = [F.normalize(tower(pooled), dim=-1) for tower in model.image_towers]
+        assert not torch.allclose(members[0], members[1])  # initialised apart
+        expected = F.normalize(sum(members) / 3, dim=-1)
+        torch.testing.assert_close(model.encode_image(patches), expected)
+    save_checkpoint(model, tokenizer, tmp_path / "ckpt", {})
+    loaded, _ = load_checkpoint(tmp_path / "ckpt")
+    assert loaded.config.image_towers == 3
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(patches), expected)
+
+
 def test_bad_checkpoints_fail_clearly(tiny: FashionBert, tokenizer, tmp_path) -> None:
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "nothing")
@@ -249,7 +287,7 @@ def test_colour_enters_through_its_own_paths(tiny: FashionBert) -> None:
     model = FashionBert(config).eval()
     assert model.patch_embeddings.projection.in_features == 32
     assert FashionBertForPretraining(model).mpm_head[-1].out_features == 32
-    for path in (model.patch_embeddings.colour_projection, model.image_colour_projection):
+    for path in (model.patch_embeddings.colour_projection, model.image_towers[0].colour):
         torch.nn.init.normal_(path[-1].weight)  # trained colour paths are not zero
     ids = torch.randint(1000, 2000, (2, 6))
     patches = torch.rand(2, 16, 40)
@@ -261,7 +299,7 @@ def test_colour_enters_through_its_own_paths(tiny: FashionBert) -> None:
             model.match(ids, torch.ones_like(ids), patches),
             model.match(ids, torch.ones_like(ids), recoloured),
         )
-    assert tiny.patch_embeddings.colour_projection is None and tiny.image_colour_projection is None
+    assert tiny.patch_embeddings.colour_projection is None and tiny.image_towers[0].colour is None
 
 
 def test_growing_a_colour_path_keeps_the_trained_scores(tiny: FashionBert) -> None:

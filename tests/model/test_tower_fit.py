@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -44,14 +45,33 @@ def test_fit_matches_images_to_their_texts_and_changes_nothing_else(hm_slice) ->
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     assert image_to_text_r1(model, texts, features) < 0.1  # chance: 1 in 64
 
-    losses = fit_image_tower(
+    (losses,) = fit_image_tower(  # one tower
         model, texts, features, text_codes(catalogue), TowerFitConfig(steps=150, batch_size=32)
     )
     assert losses[-1] < losses[0] / 3
     assert image_to_text_r1(model, texts, features) > 0.8
     for name, param in model.named_parameters():
-        if not name.startswith(("image_projection.", "image_colour_projection.")):
+        if not name.startswith("image_towers."):
             torch.testing.assert_close(param, before[name], rtol=0, atol=0, msg=name)
+
+
+def test_an_ensemble_fits_each_tower_apart_and_serves_their_average(hm_slice) -> None:
+    catalogue, features = hm_slice
+    model = tiny_colour_model()
+    texts = distinct_texts(len(catalogue), model.config.embed_dim)
+    config = TowerFitConfig(steps=150, batch_size=32, towers=3)
+    losses = fit_image_tower(model, texts, features, text_codes(catalogue), config)
+    assert len(losses) == 3 and all(tower[-1] < tower[0] / 3 for tower in losses)
+    assert model.config.image_towers == len(model.image_towers) == 3
+    first, second = (tower.projection[1].weight for tower in model.image_towers[:2])
+    assert not torch.allclose(first, second)  # own seeds: own initialisation and batches
+    assert image_to_text_r1(model, texts, features) > 0.8
+
+    single = tiny_colour_model()
+    fit_image_tower(single, texts, features, text_codes(catalogue), replace(config, towers=1))
+    torch.testing.assert_close(  # the first member is the tower a single fit gives
+        single.image_towers[0].projection[1].weight, model.image_towers[0].projection[1].weight
+    )
 
 
 def test_the_fitted_tower_reads_colour(hm_slice) -> None:
@@ -73,20 +93,24 @@ def test_fit_image_tower_command(
     out = tmp_path / "fitted"
     args = ["fit-image-tower", "--model", str(tiny_checkpoint), "--out", str(out)]
     args += ["--data", f"hm:{shared_data / 'hm'}", "--limit", "64", "--cache", str(feature_cache_dir)]
-    assert main([*args, "--steps", "20", "--batch-size", "16"]) == 0
+    assert main([*args, "--steps", "20", "--batch-size", "16", "--towers", "2"]) == 0
     fitted = FashionBertInference.from_checkpoint(out, device="cpu")
     original = FashionBertInference.from_checkpoint(tiny_checkpoint, device="cpu")
     texts = ["black satin midi skirt", "red wool coat"]
     np.testing.assert_array_equal(fitted.encode_texts(texts), original.encode_texts(texts))
     _, features = hm_slice
     assert not np.allclose(fitted.encode_images(features[:4]), original.encode_images(features[:4]))
+    assert json.loads((out / "config.json").read_text())["image_towers"] == 2
     summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["image_tower_fit"]["final_loss"]) == 2
     assert (
         summary["image_tower_fit"]["config"]["steps"] == 20 and summary["image_tower_fit"]["train_items"] > 0
     )
     with pytest.raises(ValueError, match="already"):  # the tiny checkpoint reads colour already
         main([*args, "--add-colour", "--steps", "1"])
     load_checkpoint(out)  # a complete checkpoint
+    with pytest.raises(SystemExit):  # argparse: "expected a positive whole number"
+        main([*args, "--towers", "0"])
 
 
 def test_add_colour_needs_a_checkpoint_to_grow(shared_data: Path) -> None:
