@@ -43,7 +43,7 @@ from model.tower_fit import TowerFitConfig, fit_tower
 
 class MeanPoolTower(nn.Module):
     """The model's own image tower (`FashionBert.encode_image`): mean of the grid, then a freshly initialised
-    copy of its `image_projection`."""
+    copy of its first image tower's MLP."""
 
     def __init__(self, image_projection: nn.Module):
         super().__init__()

@@ -151,20 +151,31 @@ def test_checkpoint_round_trip(tiny: FashionBert, tokenizer, tmp_path) -> None:
     assert inference.match(inference.tokenize(["a", "b c"]), patches.repeat(2, 1, 1).numpy()).shape == (2,)
 
 
-def test_checkpoints_from_before_tower_ensembles_load(tiny: FashionBert, tokenizer, tmp_path) -> None:
+def test_checkpoints_from_before_tower_ensembles_load(tokenizer, tmp_path) -> None:
     """Older checkpoints named their one image tower `image_projection` / `image_colour_projection`."""
-    save_checkpoint(tiny, tokenizer, tmp_path / "ckpt", {})
+    torch.manual_seed(0)
+    config = FashionBertConfig(
+        bert=dict(TINY_BERT), patch_feature_dim=40, colour_dim=8, num_patches=16, embed_dim=16
+    )
+    model = FashionBert(config).eval()
+    torch.nn.init.normal_(model.image_towers[0].colour[-1].weight)  # trained colour paths are not zero
+    save_checkpoint(model, tokenizer, tmp_path / "ckpt", {})
     weights = tmp_path / "ckpt" / "model.safetensors"
-    state = load_file(weights)
-    old = {
-        key.replace("image_towers.0.projection.", "image_projection."): value for key, value in state.items()
+    renames = {
+        "image_towers.0.projection.": "image_projection.",
+        "image_towers.0.colour.": "image_colour_projection.",
     }
-    assert old.keys() != state.keys()
+    old = {}
+    for key, value in load_file(weights).items():
+        for new_prefix, old_prefix in renames.items():
+            key = key.replace(new_prefix, old_prefix)
+        old[key] = value
+    assert {key.split(".")[0] for key in old} >= {"image_projection", "image_colour_projection"}
     save_file(old, weights)
     loaded, _ = load_checkpoint(tmp_path / "ckpt")
-    patches = torch.randn(3, 16, 32)
+    patches = torch.rand(3, 16, 40)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.encode_image(patches), tiny.encode_image(patches), rtol=0, atol=0)
+        torch.testing.assert_close(loaded.encode_image(patches), model.encode_image(patches), rtol=0, atol=0)
 
 
 def test_an_ensemble_of_image_towers_averages_their_embeddings(tokenizer, tmp_path) -> None:
