@@ -7,7 +7,7 @@ the image tower, which reads only the pooled patch features, is refitted from sc
 InfoNCE loss at batches of 256 (`fit_tower`): about a minute on CPU, and the cross-encoder, text tower and encoder stay
 exactly as trained. On H&M it adds nothing without colour and about 5 points of gallery R@1 with it
 (README, "Colour histograms"). Fitted from 8,908 pairs, one tower's R@1 varies by a point or two with its
-seed; several fitted apart and averaged (`TowerFitConfig.towers`) gain 2-3 points over a single one
+seed; 8 fitted apart and averaged (`TowerFitConfig.towers`) gain about 3 points over a single one
 (README, "Image tower ensemble").
 """
 
