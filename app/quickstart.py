@@ -3,10 +3,13 @@
 Each step is skipped when what it makes is already there, so the second run starts serving at once:
 1. data: `--data`, else `../shared/data/hm` when that folder exists, else a generated catalogue
    (`model/synthetic.py`) written once into the state folder;
-2. model: `<state>/model/best`, trained for a few minutes (bf16 on CPU) when missing;
+2. model: `<state>/model/best`, trained for a few minutes (bf16 on CPU) when missing, then
+   `<state>/model/fitted`: its image tower refitted to the locked text tower as an ensemble
+   (`fit-image-tower`, README "Image tower ensemble");
 3. index bundle: `<state>/bundles/<key>`, built when missing for this data, limit and model;
 4. serve the API and the demo page.
-The steps run the `fashionbert` subcommands themselves (`train`, `index build`, `serve`), so `up` does
+The steps run the `fashionbert` subcommands themselves (`train`, `fit-image-tower`, `index build`,
+`serve`), so `up` does
 nothing those commands would not do by hand.
 """
 
@@ -88,10 +91,25 @@ def _limit_args(config: UpConfig) -> list[str]:
 
 
 def ensure_model(config: UpConfig, spec: str, run: Runner) -> Path:
+    """`<state>/model/fitted`, made first when missing: `best` trained, then its image towers refitted."""
+    fitted = config.model_run / "fitted"
+    if (fitted / "model.safetensors").is_file():
+        logger.info("model: %s (delete %s to train again)", fitted, config.model_run)
+        return fitted
+    best = ensure_trained(config, spec, run)
+    logger.info("model: fitting the image towers of %s into %s", best, fitted)
+    argv = ["fit-image-tower", "--model", str(best), "--data", spec, *_limit_args(config)]
+    argv += ["--cache", str(config.cache), "--out", str(fitted)]
+    if run(argv) != 0 or not (fitted / "model.safetensors").is_file():
+        raise UpError(f"fitting the image towers did not produce {fitted}; see the log above")
+    return fitted
+
+
+def ensure_trained(config: UpConfig, spec: str, run: Runner) -> Path:
     """`<state>/model/best`, trained first when missing."""
     best = config.model_run / "best"
     if (best / "model.safetensors").is_file():
-        logger.info("model: %s (delete it to train again)", best)
+        logger.info("model: trained %s", best)
         return best
     logger.info(
         "model: none yet; training for up to %g minutes into %s", config.budget_minutes, config.model_run

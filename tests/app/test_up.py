@@ -35,10 +35,10 @@ class FakeCommands:
         if command == self.fail:
             return 1
         value = lambda flag: argv[argv.index(flag) + 1]  # noqa: E731
-        if command == "train":
-            best = Path(value("--out")) / "best"
-            best.mkdir(parents=True)
-            (best / "model.safetensors").write_bytes(b"weights")
+        if command in ("train", "fit-image-tower"):
+            model = Path(value("--out")) / "best" if command == "train" else Path(value("--out"))
+            model.mkdir(parents=True)
+            (model / "model.safetensors").write_bytes(b"weights")
         elif command == "index":
             Path(value("--out")).mkdir(parents=True)
         return 0
@@ -68,12 +68,21 @@ def test_first_run_trains_indexes_and_serves_then_reuses_both(tmp_path: Path) ->
     config = UpConfig(state_dir=tmp_path / "state", data="synthetic", limit=8, port=8123, tiny=True)
     first = FakeCommands()
     assert up(config, first) == 0
-    assert first.commands() == ["train", "index build", "serve"]
-    train, index, serve = first.calls
+    assert first.commands() == ["train", "fit-image-tower", "index build", "serve"]
+    train, fit, index, serve = first.calls
     assert train[train.index("--limit") + 1] == "8" and "--tiny" in train and "--resume" not in train
     assert train[train.index("--cache") + 1] == index[index.index("--cache") + 1]
+    # The image towers are refitted on the same data and limit, from the trained checkpoint.
+    assert fit[fit.index("--model") + 1] == str(config.state_dir / "model" / "best")
+    assert (
+        fit[fit.index("--limit") + 1] == "8"
+        and fit[fit.index("--data") + 1] == train[train.index("--data") + 1]
+    )
+    fitted = str(config.state_dir / "model" / "fitted")
+    assert fit[fit.index("--out") + 1] == fitted
     assert serve[serve.index("--port") + 1] == "8123"
-    assert serve[serve.index("--model") + 1] == str(config.state_dir / "model" / "best")
+    assert serve[serve.index("--model") + 1] == fitted
+    assert index[index.index("--model") + 1] == fitted
     assert serve[serve.index("--index") + 1] == index[index.index("--out") + 1]
 
     assert "--fusion-layer" not in train  # the tiny BERT's two layers stay joint
@@ -116,6 +125,19 @@ def test_interrupted_training_resumes_and_failures_say_so(tmp_path: Path) -> Non
         up(UpConfig(state_dir=tmp_path / "b", data="synthetic", limit=8), FakeCommands(fail="train"))
     with pytest.raises(UpError, match="building the index"):
         up(UpConfig(state_dir=tmp_path / "c", data="synthetic", limit=8), FakeCommands(fail="index"))
+    with pytest.raises(UpError, match="fitting the image towers"):
+        up(
+            UpConfig(state_dir=tmp_path / "d", data="synthetic", limit=8),
+            FakeCommands(fail="fit-image-tower"),
+        )
+
+    # A state folder from before the refit step has a trained model only: it is fitted, not retrained.
+    older = UpConfig(state_dir=tmp_path / "e", data="synthetic", limit=8, serve=False)
+    (older.model_run / "best").mkdir(parents=True)
+    (older.model_run / "best" / "model.safetensors").write_bytes(b"weights")
+    commands = FakeCommands()
+    up(older, commands)
+    assert commands.commands() == ["fit-image-tower", "index build"]
 
 
 def _free_port() -> int:
@@ -202,3 +224,5 @@ def test_up_from_nothing_to_search(tmp_path: Path) -> None:
     assert time.monotonic() - start < 60
     summary = json.loads((tmp_path / "state" / "model" / "best" / "summary.json").read_text())
     assert summary["steps"] >= 1
+    fitted = json.loads((tmp_path / "state" / "model" / "fitted" / "config.json").read_text())
+    assert fitted["image_towers"] == 8  # served: the trained model with its image towers refitted
