@@ -51,7 +51,7 @@ def test_fit_matches_images_to_their_texts_and_changes_nothing_else(hm_slice) ->
     assert losses[-1] < losses[0] / 3
     assert image_to_text_r1(model, texts, features) > 0.8
     for name, param in model.named_parameters():
-        if not name.startswith("image_towers."):
+        if not name.startswith("image_towers.") and name != "alignment_head.bias":
             torch.testing.assert_close(param, before[name], rtol=0, atol=0, msg=name)
 
 
@@ -72,6 +72,30 @@ def test_an_ensemble_fits_each_tower_apart_and_serves_their_average(hm_slice) ->
     torch.testing.assert_close(  # the first member is the tower a single fit gives
         single.image_towers[0].projection[1].weight, model.image_towers[0].projection[1].weight
     )
+
+
+def test_the_fit_keeps_the_alignment_logits_mean_over_true_and_shuffled_pairs(hm_slice) -> None:
+    """The logit's head part does not see the towers, so its mean over pairs moves by exactly the bias shift
+    plus tower_scale x the cosines' move: the fit must cancel that move, not the ranking."""
+    catalogue, features = hm_slice
+    model = tiny_colour_model()
+    texts = distinct_texts(len(catalogue), model.config.embed_dim)
+    shuffled = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0)).numpy()
+
+    def mean_tower_logit() -> float:
+        with torch.no_grad():
+            images = model.encode_image(torch.from_numpy(features.astype(np.float32))).numpy()
+        cosines = np.concatenate([(texts * images).sum(1), (texts * images[shuffled]).sum(1)])
+        return model.alignment_head.bias.detach().item() + model.tower_scale.detach().item() * float(
+            cosines.mean()
+        )
+
+    bias, logit = model.alignment_head.bias.detach().item(), mean_tower_logit()
+    fit_image_tower(model, texts, features, text_codes(catalogue), TowerFitConfig(steps=100, batch_size=32))
+    assert (
+        abs(model.alignment_head.bias.detach().item() - bias) > 0.5
+    )  # the fit raised true pairs' cosine a lot
+    assert mean_tower_logit() == pytest.approx(logit, abs=1e-3)
 
 
 def test_the_fitted_tower_reads_colour(hm_slice) -> None:
