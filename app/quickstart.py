@@ -9,8 +9,7 @@ Each step is skipped when what it makes is already there, so the second run star
 3. index bundle: `<state>/bundles/<key>`, built when missing for this data, limit and model;
 4. serve the API and the demo page.
 The steps run the `fashionbert` subcommands themselves (`train`, `fit-image-tower`, `index build`,
-`serve`), so `up` does
-nothing those commands would not do by hand.
+`serve`), so `up` does nothing those commands would not do by hand.
 """
 
 from __future__ import annotations
