@@ -50,7 +50,6 @@ class ImageTower(nn.Module):
         self.colour = colour_path(colour_dim, embed_dim)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        pooled = pooled.to(self.projection[1].weight.dtype)  # bf16 when serving holds bf16 weights
         embedding = self.projection(pooled[:, : self.cnn_dim])
         if self.colour is not None:
             embedding = embedding + self.colour(pooled[:, self.cnn_dim :])
@@ -121,10 +120,7 @@ class FashionBert(nn.Module):
         # Image tower: the patch network's features pooled over the image and read by small MLPs, so recall
         # embeddings cost no encoder pass (index builds and image queries stay cheap). `image_towers` > 1 is
         # an ensemble of towers fitted apart (`model.tower_fit`), their embeddings averaged.
-        self.image_towers = nn.ModuleList(
-            ImageTower(config.cnn_feature_dim, config.colour_dim, hidden, config.embed_dim)
-            for _ in range(config.image_towers)
-        )
+        self.image_towers = nn.ModuleList(self.new_image_tower() for _ in range(config.image_towers))
         self.logit_scale = nn.Parameter(torch.tensor(2.6593))  # log(1 / 0.07), as CLIP
         self.check_fusion_layer()
 
@@ -133,6 +129,12 @@ class FashionBert(nn.Module):
         layers = len(self.bert.encoder.layer)
         if not 0 <= self.config.fusion_layer < layers:
             raise ValueError(f"fusion_layer {self.config.fusion_layer} is not in [0, {layers - 1}]")
+
+    def new_image_tower(self) -> ImageTower:
+        """A freshly initialised image tower of this model's shape (`model.tower_fit` fits new ones)."""
+        config = self.config
+        hidden = self.bert.config.hidden_size
+        return ImageTower(config.cnn_feature_dim, config.colour_dim, hidden, config.embed_dim)
 
     @classmethod
     def from_pretrained_text_model(cls, config: FashionBertConfig) -> FashionBert:
@@ -247,6 +249,7 @@ class FashionBert(nn.Module):
     def encode_image(self, patch_features: torch.Tensor) -> torch.Tensor:
         """Image patches alone -> L2-normalised recall embedding (B, E): the mean of the towers' embeddings."""
         pooled = patch_features.float().mean(1)  # (B, D): the patch network's global average pool
+        pooled = pooled.to(self.image_towers[0].projection[1].weight.dtype)  # bf16 when serving holds bf16
         members = [F.normalize(tower(pooled).float(), dim=-1) for tower in self.image_towers]
         if len(members) == 1:
             return members[0]

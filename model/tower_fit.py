@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.fashionbert import FashionBert, ImageTower
+from model.fashionbert import FashionBert
 from model.training import warmup_cosine
 
 
@@ -63,18 +63,12 @@ def fit_image_tower(
     texts = torch.from_numpy(np.ascontiguousarray(text_embeddings, dtype=np.float32)).to(device)
     codes = torch.from_numpy(np.asarray(text_codes)).to(device)
     scale = model.logit_scale.detach().exp().clamp(max=100)  # the temperature the towers trained at
-    reference = model.image_towers[0]
     with torch.no_grad():
         before = model.encode_image(pooled[:, None])  # (n, E): the towers being replaced
     towers, losses = [], []
     for k in range(config.towers):
         torch.manual_seed(config.seed + k)
-        tower = ImageTower(
-            reference.cnn_dim,
-            model.config.colour_dim,
-            reference.projection[1].out_features,
-            model.config.embed_dim,
-        ).to(device)
+        tower = model.new_image_tower().to(device)
         member_config = replace(config, seed=config.seed + k)
         losses.append(
             fit_tower(
