@@ -24,7 +24,6 @@ model's own):
 from __future__ import annotations
 
 import argparse
-import copy
 from dataclasses import replace
 
 import numpy as np
@@ -34,23 +33,30 @@ from rerank_fusion import load_split
 from torch import nn
 
 from model.evaluation import _embedding_search, draw_queries, text_codes
-from model.fashionbert import colour_path
+from model.fashionbert import FashionBert, colour_path
 from model.inference import FashionBertInference
 from model.metrics import recall_at_k
 from model.patch_features import PatchFeatureConfig
 from model.tower_fit import TowerFitConfig, fit_tower
 
 
+def fresh_tower_mlp(model: FashionBert) -> nn.Sequential:
+    """A freshly initialised MLP of the shape of the model's image tower members (model.fashionbert.StackedMLP
+    stacks these): LayerNorm -> Linear -> GELU -> Linear."""
+    cnn_dim, hidden = model.image_towers.projection.weight1.shape[1:]
+    embed_dim = model.image_towers.projection.weight2.shape[2]
+    return nn.Sequential(
+        nn.LayerNorm(cnn_dim), nn.Linear(cnn_dim, hidden), nn.GELU(), nn.Linear(hidden, embed_dim)
+    )
+
+
 class MeanPoolTower(nn.Module):
     """The model's own image tower (`FashionBert.encode_image`): mean of the grid, then a freshly initialised
-    copy of its first image tower's MLP."""
+    MLP of the shape of its members (`fresh_tower_mlp`)."""
 
-    def __init__(self, image_projection: nn.Module):
+    def __init__(self, mlp: nn.Sequential):
         super().__init__()
-        self.mlp = copy.deepcopy(image_projection)
-        for layer in self.mlp.modules():
-            if hasattr(layer, "reset_parameters"):
-                layer.reset_parameters()
+        self.mlp = mlp
         self.cnn_dim = self.mlp[0].normalized_shape[0]  # patches may carry colour histograms after these
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
@@ -64,8 +70,8 @@ class ColourTower(MeanPoolTower):
     """The mean path plus a colour path on the image's colour histogram (`FashionBert.encode_image` of a model
     that reads colour), both fitted here."""
 
-    def __init__(self, image_projection: nn.Module, colour_dim: int):
-        super().__init__(image_projection)
+    def __init__(self, mlp: nn.Sequential, colour_dim: int):
+        super().__init__(mlp)
         self.colour = colour_path(colour_dim, self.mlp[-1].out_features)
 
     def embed(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -176,14 +182,14 @@ def main() -> None:
     own = val_patches[..., : config.patch_feature_dim]  # the features the model reads
     print(f"the model's own image tower: {gallery(inference.encode_images(own))}", flush=True)
     towers = {
-        "mean": ("mean pool, re-fitted", lambda: MeanPoolTower(model.image_towers[0].projection)),
+        "mean": ("mean pool, re-fitted", lambda: MeanPoolTower(fresh_tower_mlp(model))),
         "attention": (
             "attention pool, fitted",
             lambda: AttentionPoolTower(config.cnn_feature_dim, hidden, embed_dim, config.num_patches),
         ),
         "colour": (
             "mean pool + colour histogram, fitted",
-            lambda: ColourTower(model.image_towers[0].projection, patch_config.colour_dim),
+            lambda: ColourTower(fresh_tower_mlp(model), patch_config.colour_dim),
         ),
     }
     for key in args.towers.split(","):

@@ -16,14 +16,13 @@ R@1 / R@10 of `fashionbert eval`'s 1,000 validation queries every `--eval-every`
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from image_tower_refit import gallery_recalls
+from image_tower_refit import fresh_tower_mlp, gallery_recalls
 from rerank_fusion import load_split
 from torch import nn
 
@@ -39,14 +38,11 @@ class TunedTower(nn.Module):
     """Trunk feature map -> the network's blocks from `first_block` on and head -> pooled -> MLP, plus the
     colour path on the image's mean colour histogram. BatchNorm keeps its ImageNet statistics (eval mode)."""
 
-    def __init__(self, net: nn.Module, first_block: int, image_projection: nn.Module, colour_dim: int):
+    def __init__(self, net: nn.Module, first_block: int, mlp: nn.Sequential, colour_dim: int):
         super().__init__()
         self.blocks = nn.ModuleList(net._blocks[first_block:])
         self.head = nn.Sequential(net._conv_head, net._bn1, net._swish)
-        self.mlp = copy.deepcopy(image_projection)
-        for layer in self.mlp.modules():
-            if hasattr(layer, "reset_parameters"):
-                layer.reset_parameters()
+        self.mlp = mlp
         self.colour = colour_path(colour_dim, self.mlp[-1].out_features)
 
     def cnn_parameters(self) -> list[nn.Parameter]:
@@ -157,9 +153,7 @@ def main() -> None:
     backbone = get_backbone(patch_config.backbone)
     net = backbone.build()
     net.load_state_dict(torch.load(extractor.weights_path, map_location="cpu", weights_only=True))
-    tower = TunedTower(
-        net, args.first_block, model.image_towers[0].projection, patch_config.colour_dim
-    ).float()
+    tower = TunedTower(net, args.first_block, fresh_tower_mlp(model), patch_config.colour_dim).float()
     frozen = args.cnn_lr == 0
     if frozen:
         tower.requires_grad_(False)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_model
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -73,15 +76,34 @@ _LEGACY_PREFIXES = {
     "image_projection.": "image_towers.0.projection.",
     "image_colour_projection.": "image_towers.0.colour.",
 }
+# Checkpoints written before the towers' weights were stacked (model.fashionbert.StackedMLP) held each
+# member as `image_towers.<member>.<path>.<layer>.<weight|bias>`, an `nn.Sequential` each.
+_MEMBER_KEY = re.compile(r"image_towers\.(\d+)\.(projection|colour)\.(\d)\.(weight|bias)")
+_STACKED_NAMES = {
+    ("0", "weight"): "norm_weight",
+    ("0", "bias"): "norm_bias",
+    ("1", "weight"): "weight1",  # nn.Linear's are (out, in): stacked transposed
+    ("1", "bias"): "bias1",
+    ("3", "weight"): "weight2",
+    ("3", "bias"): "bias2",
+}
 
 
 def _renamed_legacy_keys(state: dict[str, Any]) -> dict[str, Any]:
-    renamed = {}
+    renamed: dict[str, Any] = {}
+    members: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
     for key, value in state.items():
         for old, new in _LEGACY_PREFIXES.items():
             if key.startswith(old):
                 key = new + key.removeprefix(old)
-        renamed[key] = value
+        if match := _MEMBER_KEY.fullmatch(key):
+            member, path, layer, kind = match.groups()
+            name = f"image_towers.{path}.{_STACKED_NAMES[layer, kind]}"
+            members[name][int(member)] = value.T if layer != "0" and kind == "weight" else value
+        else:
+            renamed[key] = value
+    for name, by_member in members.items():
+        renamed[name] = torch.stack([by_member[k] for k in sorted(by_member)])
     return renamed
 
 

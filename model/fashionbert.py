@@ -36,24 +36,101 @@ def colour_path(in_dim: int, out_dim: int) -> nn.Module | None:
     return path
 
 
-class ImageTower(nn.Module):
-    """An image's pooled patch feature (B, D) -> its recall embedding (B, E), not normalised: an MLP on the
-    CNN part, plus the colour path on the colour histogram, summed: ImageNet features barely tell beige from
-    black (model/colour.py)."""
+class StackedMLP(nn.Module):
+    """`members` separate LayerNorm -> Linear -> GELU -> Linear networks, (B, D) -> (K, B, E), with their
+    weights stacked on a leading member axis: an ensemble's forward is two batched matmuls instead of a pass
+    per member, which for a single image query costs mostly call overhead (README, "Image tower ensemble").
+    Each member is initialised as those `nn` layers would be, in that order, so a member built under a
+    seed is the network that seed gives; `zero_last` starts every member's output at zero."""
 
-    def __init__(self, cnn_dim: int, colour_dim: int, hidden: int, embed_dim: int):
+    def __init__(self, members: int, in_dim: int, hidden: int, out_dim: int, zero_last: bool = False):
+        super().__init__()
+        nets = [
+            nn.Sequential(
+                nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim)
+            )
+            for _ in range(members)
+        ]
+        if zero_last:
+            for net in nets:
+                nn.init.zeros_(net[-1].weight)
+                nn.init.zeros_(net[-1].bias)
+
+        def stacked(tensors: list[torch.Tensor]) -> nn.Parameter:
+            return nn.Parameter(torch.stack([t.detach() for t in tensors]))
+
+        self.norm_weight = stacked([net[0].weight for net in nets])  # (K, D)
+        self.norm_bias = stacked([net[0].bias for net in nets])  # (K, D)
+        self.weight1 = stacked([net[1].weight.T for net in nets])  # (K, D, H): input-major, as bmm reads it
+        self.bias1 = stacked([net[1].bias for net in nets])  # (K, H)
+        self.weight2 = stacked([net[3].weight.T for net in nets])  # (K, H, E)
+        self.bias2 = stacked([net[3].bias for net in nets])  # (K, E)
+
+    def __len__(self) -> int:
+        return len(self.norm_weight)
+
+    def vectors(self) -> list[nn.Parameter]:
+        """The members' norms and biases: vectors, though stacked into matrices (no weight decay on them)."""
+        return [self.norm_weight, self.norm_bias, self.bias1, self.bias2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x, x.shape[-1:])  # the members normalise the same input: once, then their affines
+        x = x * self.norm_weight[:, None] + self.norm_bias[:, None]  # (K, B, D)
+        x = F.gelu(torch.baddbmm(self.bias1[:, None], x, self.weight1))  # (K, B, H)
+        return torch.baddbmm(self.bias2[:, None], x, self.weight2)  # (K, B, E)
+
+
+class ImageTowers(nn.Module):
+    """The image towers: an image's pooled patch feature (B, D) -> its recall embedding (B, E), normalised.
+    Each member is an MLP on the CNN part plus the colour path on the colour histogram, summed (ImageNet
+    features barely tell beige from black: model/colour.py); an ensemble of members fitted apart
+    (`model.tower_fit`) serves the normalised mean of their normalised embeddings."""
+
+    def __init__(self, members: int, cnn_dim: int, colour_dim: int, hidden: int, embed_dim: int):
         super().__init__()
         self.cnn_dim = cnn_dim
-        self.projection = nn.Sequential(
-            nn.LayerNorm(cnn_dim), nn.Linear(cnn_dim, hidden), nn.GELU(), nn.Linear(hidden, embed_dim)
+        self.projection = StackedMLP(members, cnn_dim, hidden, embed_dim)
+        # The colour path's last layer starts at zero, so a trained model grown colour paths
+        # (`model.training.grow_colour_path`) computes what it did before.
+        self.colour = (
+            StackedMLP(members, colour_dim, embed_dim, embed_dim, zero_last=True) if colour_dim else None
         )
-        self.colour = colour_path(colour_dim, embed_dim)
 
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+    def __len__(self) -> int:
+        return len(self.projection)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.projection.weight1.dtype
+
+    def members(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, D) pooled features -> (K, B, E) each member's embedding, not normalised."""
         embedding = self.projection(pooled[:, : self.cnn_dim])
         if self.colour is not None:
             embedding = embedding + self.colour(pooled[:, self.cnn_dim :])
         return embedding
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        members = F.normalize(self.members(pooled).float(), dim=-1)
+        return members[0] if len(members) == 1 else F.normalize(members.mean(0), dim=-1)
+
+    @staticmethod
+    def joined(towers: list[ImageTowers]) -> ImageTowers:
+        """One ensemble holding the members of `towers`, in order."""
+        first = towers[0]
+        with torch.device("meta"):  # shapes only: the weights come from the towers
+            joined = ImageTowers(
+                sum(len(t) for t in towers),
+                first.cnn_dim,
+                first.colour.weight1.shape[1] if first.colour is not None else 0,
+                first.projection.weight1.shape[2],
+                first.projection.weight2.shape[2],
+            )
+        states = [t.state_dict() for t in towers]
+        joined.load_state_dict(
+            {name: torch.cat([s[name] for s in states]) for name in states[0]}, assign=True
+        )
+        return joined
 
 
 class PatchEmbeddings(nn.Module):
@@ -120,7 +197,7 @@ class FashionBert(nn.Module):
         # Image tower: the patch network's features pooled over the image and read by small MLPs, so recall
         # embeddings cost no encoder pass (index builds and image queries stay cheap). `image_towers` > 1 is
         # an ensemble of towers fitted apart (`model.tower_fit`), their embeddings averaged.
-        self.image_towers = nn.ModuleList(self.new_image_tower() for _ in range(config.image_towers))
+        self.image_towers = self.new_image_towers(config.image_towers)
         self.logit_scale = nn.Parameter(torch.tensor(2.6593))  # log(1 / 0.07), as CLIP
         self.check_fusion_layer()
 
@@ -130,11 +207,11 @@ class FashionBert(nn.Module):
         if not 0 <= self.config.fusion_layer < layers:
             raise ValueError(f"fusion_layer {self.config.fusion_layer} is not in [0, {layers - 1}]")
 
-    def new_image_tower(self) -> ImageTower:
-        """A freshly initialised image tower of this model's shape (`model.tower_fit` fits new ones)."""
+    def new_image_towers(self, members: int = 1) -> ImageTowers:
+        """Freshly initialised image towers of this model's shape (`model.tower_fit` fits new ones)."""
         config = self.config
         hidden = self.bert.config.hidden_size
-        return ImageTower(config.cnn_feature_dim, config.colour_dim, hidden, config.embed_dim)
+        return ImageTowers(members, config.cnn_feature_dim, config.colour_dim, hidden, config.embed_dim)
 
     @classmethod
     def from_pretrained_text_model(cls, config: FashionBertConfig) -> FashionBert:
@@ -249,11 +326,7 @@ class FashionBert(nn.Module):
     def encode_image(self, patch_features: torch.Tensor) -> torch.Tensor:
         """Image patches alone -> L2-normalised recall embedding (B, E): the mean of the towers' embeddings."""
         pooled = patch_features.float().mean(1)  # (B, D): the patch network's global average pool
-        pooled = pooled.to(self.image_towers[0].projection[1].weight.dtype)  # bf16 when serving holds bf16
-        members = [F.normalize(tower(pooled).float(), dim=-1) for tower in self.image_towers]
-        if len(members) == 1:
-            return members[0]
-        return F.normalize(torch.stack(members).mean(0), dim=-1)
+        return self.image_towers(pooled.to(self.image_towers.dtype))  # bf16 when serving holds bf16
 
     def match(
         self,

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.fashionbert import FashionBert
+from model.fashionbert import FashionBert, ImageTowers
 from model.training import warmup_cosine
 
 
@@ -68,11 +68,11 @@ def fit_image_tower(
     towers, losses = [], []
     for k in range(config.towers):
         torch.manual_seed(config.seed + k)
-        tower = model.new_image_tower().to(device)
+        tower = model.new_image_towers().to(device)
         member_config = replace(config, seed=config.seed + k)
         losses.append(
             fit_tower(
-                lambda batch, tower=tower: F.normalize(tower(pooled[batch]), dim=-1),
+                lambda batch, tower=tower: tower(pooled[batch]),
                 tower.parameters(),
                 texts,
                 codes,
@@ -81,8 +81,8 @@ def fit_image_tower(
                 log_every,
             )
         )
-        towers.append(tower.eval())
-    model.image_towers = nn.ModuleList(towers)
+        towers.append(tower)
+    model.image_towers = ImageTowers.joined(towers).eval()
     model.config = replace(model.config, image_towers=config.towers)
     with torch.no_grad():
         keep_alignment_operating_point(model, texts, before, model.encode_image(pooled[:, None]))

@@ -35,7 +35,7 @@ from model.adaptive_loss import AdaptiveLoss
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import FashionBertConfig, resolve_text_model
 from model.data import TrainingData, grouped_batches
-from model.fashionbert import FashionBert, FashionBertForPretraining
+from model.fashionbert import FashionBert, FashionBertForPretraining, StackedMLP
 from model.inference import FashionBertInference, pick_device
 from model.losses import (
     alignment_loss,
@@ -228,8 +228,10 @@ class Trainer:
         encoder_params = list(model.bert.parameters())
         encoder_ids = {id(p) for p in encoder_params}
         new_params = [p for p in self.pretraining.parameters() if id(p) not in encoder_ids]
-        decay = lambda ps: [p for p in ps if p.ndim >= 2]  # noqa: E731 - no decay on biases and norms
-        no_decay = lambda ps: [p for p in ps if p.ndim < 2]  # noqa: E731
+        vectors = {id(p) for m in model.modules() if isinstance(m, StackedMLP) for p in m.vectors()}
+        is_matrix = lambda p: p.ndim >= 2 and id(p) not in vectors  # noqa: E731 - no decay on biases and norms
+        decay = lambda ps: [p for p in ps if is_matrix(p)]  # noqa: E731
+        no_decay = lambda ps: [p for p in ps if not is_matrix(p)]  # noqa: E731
         self.optimizer = torch.optim.AdamW(
             [
                 {

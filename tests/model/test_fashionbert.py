@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+from torch import nn
 from transformers import AutoTokenizer, BertModel
 
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.colour import COLOUR_DIM
 from model.config import DEFAULT_TEXT_MODEL, TINY_BERT, FashionBertConfig, resolve_text_model
-from model.fashionbert import FashionBert, FashionBertForPretraining, pool_patches
+from model.fashionbert import FashionBert, FashionBertForPretraining, StackedMLP, pool_patches
 from model.inference import FashionBertInference
 from model.patches import pool_grid
 from model.training import grow_colour_path
@@ -151,31 +155,94 @@ def test_checkpoint_round_trip(tiny: FashionBert, tokenizer, tmp_path) -> None:
     assert inference.match(inference.tokenize(["a", "b c"]), patches.repeat(2, 1, 1).numpy()).shape == (2,)
 
 
-def test_checkpoints_from_before_tower_ensembles_load(tokenizer, tmp_path) -> None:
-    """Older checkpoints named their one image tower `image_projection` / `image_colour_projection`."""
+def sequential_tower_weights(model: FashionBert) -> dict[str, torch.Tensor]:
+    """The model's weights as checkpoints from before stacked towers held them: each image tower member an
+    `nn.Sequential` of its own (`image_towers.<member>.<path>.<layer>.<weight|bias>`)."""
+    layers = {
+        "norm_weight": "0.weight",
+        "norm_bias": "0.bias",
+        "weight1": "1.weight",
+        "bias1": "1.bias",
+        "weight2": "3.weight",
+        "bias2": "3.bias",
+    }
+    weights = {}
+    for key, value in model.state_dict().items():
+        if not key.startswith("image_towers."):
+            weights[key] = value
+            continue
+        _, path, name = key.split(".")
+        for member, member_value in enumerate(value):
+            weights[f"image_towers.{member}.{path}.{layers[name]}"] = (
+                member_value.T if name.startswith("weight") else member_value
+            ).contiguous()
+    return weights
+
+
+def sequential_towers(model: FashionBert) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """Each image tower member computed as plain layers, one member at a time, from those weights: what the
+    stacked forward must reproduce. (B, D) pooled -> (B, E), not normalised."""
+    weights, cnn_dim = sequential_tower_weights(model), model.config.cnn_feature_dim
+
+    def mlp(prefix: str, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x, x.shape[-1:], weights[prefix + "0.weight"], weights[prefix + "0.bias"])
+        x = F.gelu(F.linear(x, weights[prefix + "1.weight"], weights[prefix + "1.bias"]))
+        return F.linear(x, weights[prefix + "3.weight"], weights[prefix + "3.bias"])
+
+    def member(k: int, pooled: torch.Tensor) -> torch.Tensor:
+        embedding = mlp(f"image_towers.{k}.projection.", pooled[:, :cnn_dim])
+        if model.config.colour_dim:
+            embedding = embedding + mlp(f"image_towers.{k}.colour.", pooled[:, cnn_dim:])
+        return embedding
+
+    return [partial(member, k) for k in range(len(model.image_towers))]
+
+
+@pytest.mark.parametrize("members", [1, 3])
+def test_checkpoints_from_before_stacked_towers_load(tokenizer, tmp_path, members: int) -> None:
+    """Older checkpoints held each image tower as modules of its own (and before ensembles, their one tower
+    as `image_projection` / `image_colour_projection`): they load and embed exactly as written."""
     torch.manual_seed(0)
     config = FashionBertConfig(
         bert=dict(TINY_BERT), patch_feature_dim=40, colour_dim=8, num_patches=16, embed_dim=16
     )
-    model = FashionBert(config).eval()
-    torch.nn.init.normal_(model.image_towers[0].colour[-1].weight)  # trained colour paths are not zero
+    model = FashionBert(replace(config, image_towers=members)).eval()
+    torch.nn.init.normal_(model.image_towers.colour.weight2)  # trained colour paths are not zero
     save_checkpoint(model, tokenizer, tmp_path / "ckpt", {})
-    weights = tmp_path / "ckpt" / "model.safetensors"
-    renames = {
-        "image_towers.0.projection.": "image_projection.",
-        "image_towers.0.colour.": "image_colour_projection.",
-    }
-    old = {}
-    for key, value in load_file(weights).items():
+    old = sequential_tower_weights(model)
+    if members == 1:  # before ensembles
+        renames = {
+            "image_towers.0.projection.": "image_projection.",
+            "image_towers.0.colour.": "image_colour_projection.",
+        }
         for new_prefix, old_prefix in renames.items():
-            key = key.replace(new_prefix, old_prefix)
-        old[key] = value
-    assert {key.split(".")[0] for key in old} >= {"image_projection", "image_colour_projection"}
-    save_file(old, weights)
+            old = {key.replace(new_prefix, old_prefix): value for key, value in old.items()}
+        assert {key.split(".")[0] for key in old} >= {"image_projection", "image_colour_projection"}
+    else:
+        assert "image_towers.2.colour.3.weight" in old
+    save_file(old, tmp_path / "ckpt" / "model.safetensors")
     loaded, _ = load_checkpoint(tmp_path / "ckpt")
     patches = torch.rand(3, 16, 40)
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_image(patches), model.encode_image(patches), rtol=0, atol=0)
+
+
+def test_a_stacked_member_starts_as_the_layers_it_stacks() -> None:
+    """A member built under a seed holds the weights `nn.LayerNorm` and `nn.Linear` draw under it, so tower k
+    of a fit is the network seed + k gives, whichever way the towers are stored."""
+    torch.manual_seed(3)
+    stacked = StackedMLP(1, 12, 8, 4)
+    torch.manual_seed(3)
+    norm, first, _, second = nn.Sequential(nn.LayerNorm(12), nn.Linear(12, 8), nn.GELU(), nn.Linear(8, 4))
+    for got, expected in [
+        (stacked.norm_weight[0], norm.weight),
+        (stacked.weight1[0], first.weight.T),
+        (stacked.bias1[0], first.bias),
+        (stacked.weight2[0], second.weight.T),
+        (stacked.bias2[0], second.bias),
+    ]:
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not StackedMLP(2, 12, 8, 4, zero_last=True)(torch.randn(5, 12)).any()  # (K, B, E) zeros
 
 
 def test_an_ensemble_of_image_towers_averages_their_embeddings(tokenizer, tmp_path) -> None:
@@ -187,7 +254,7 @@ def test_an_ensemble_of_image_towers_averages_their_embeddings(tokenizer, tmp_pa
     patches = torch.randn(4, 16, 32)
     pooled = patches.mean(1)
     with torch.no_grad():
-        members = [F.normalize(tower(pooled), dim=-1) for tower in model.image_towers]
+        members = [F.normalize(tower(pooled), dim=-1) for tower in sequential_towers(model)]
         assert not torch.allclose(members[0], members[1])  # initialised apart
         expected = F.normalize(sum(members) / 3, dim=-1)
         torch.testing.assert_close(model.encode_image(patches), expected)
@@ -298,8 +365,10 @@ def test_colour_enters_through_its_own_paths(tiny: FashionBert) -> None:
     model = FashionBert(config).eval()
     assert model.patch_embeddings.projection.in_features == 32
     assert FashionBertForPretraining(model).mpm_head[-1].out_features == 32
-    for path in (model.patch_embeddings.colour_projection, model.image_towers[0].colour):
-        torch.nn.init.normal_(path[-1].weight)  # trained colour paths are not zero
+    torch.nn.init.normal_(
+        model.patch_embeddings.colour_projection[-1].weight
+    )  # trained colour paths are not zero
+    torch.nn.init.normal_(model.image_towers.colour.weight2)
     ids = torch.randint(1000, 2000, (2, 6))
     patches = torch.rand(2, 16, 40)
     recoloured = patches.clone()
@@ -310,7 +379,7 @@ def test_colour_enters_through_its_own_paths(tiny: FashionBert) -> None:
             model.match(ids, torch.ones_like(ids), patches),
             model.match(ids, torch.ones_like(ids), recoloured),
         )
-    assert tiny.patch_embeddings.colour_projection is None and tiny.image_towers[0].colour is None
+    assert tiny.patch_embeddings.colour_projection is None and tiny.image_towers.colour is None
 
 
 def test_growing_a_colour_path_keeps_the_trained_scores(tiny: FashionBert) -> None:

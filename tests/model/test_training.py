@@ -196,3 +196,20 @@ def test_head_alignment_adds_the_alignment_losses_of_the_head_alone(hm_slice, tm
     assert loss[0.0, True] == pytest.approx(2 * loss[0.0, False], rel=1e-4)
     assert loss[5.0, True] - loss[5.0, False] == pytest.approx(loss[0.0, False], rel=1e-3)
     assert loss[5.0, False] != pytest.approx(loss[0.0, False], rel=1e-3)  # the scale does move the sum
+
+
+def test_weight_decay_reaches_matrices_only(hm_slice, tmp_path) -> None:
+    """AdamW decays weight matrices, never biases or norms: not even the image towers', which are stacked
+    into (members, dim) tensors and so have a matrix's rank."""
+    trainer = tiny_trainer(hm_slice, tmp_path)
+    decayed = {
+        id(p)
+        for group in trainer.optimizer.param_groups
+        if group["weight_decay"] > 0
+        for p in group["params"]
+    }
+    towers = trainer.model.image_towers.projection
+    assert id(towers.weight1) in decayed and id(towers.weight2) in decayed
+    assert not decayed & {id(p) for p in towers.vectors()}
+    assert id(trainer.model.bert.embeddings.LayerNorm.weight) not in decayed
+    assert id(trainer.model.bert.encoder.layer[0].attention.self.query.weight) in decayed
