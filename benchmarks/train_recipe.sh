@@ -8,6 +8,7 @@
 #   benchmarks/train_recipe.sh        # runs/hm-fusion5: the adaptive loss, fusion layer 5 (the served default)
 #   FUSION_LAYER=0 OUT=runs/hm-recipe-adaptive benchmarks/train_recipe.sh   # every layer joint (the paper's)
 #   LOSS=fixed FUSION_LAYER=0 OUT=runs/hm-recipe benchmarks/train_recipe.sh  # and equal fixed weights
+#   LOSS=fixed OUT=runs/hm-fixed-fusion5 benchmarks/train_recipe.sh  # the default with fixed weights (README)
 # The listwise phase moves the fusion layer (README, "Fusion layer"): one joint layer meets the service's
 # latency target, and its bundle stores each item's states below it.
 set -euo pipefail
