@@ -2,6 +2,7 @@
 
     python benchmarks/train_speed.py --batch-size 32 --steps 3 --repeats 3
     python benchmarks/train_speed.py --precisions bf16 --mine-top-k 30 --negatives-per-item 3   # mined
+    python benchmarks/train_speed.py --precisions bf16 --fixed-weights   # the adaptive loss's cost, by difference
 
 Synthetic patch features and H&M-length texts, so only the model's arithmetic is measured. Prints the
 median seconds per step and pairs/s of each precision and their ratio, measured in the same run.
@@ -35,6 +36,9 @@ def main() -> None:
     parser.add_argument("--precisions", default="bf16,fp32", help="comma list of bf16, fp32")
     parser.add_argument("--mine-top-k", type=int, default=0, help="false pairs from mined neighbours")
     parser.add_argument("--negatives-per-item", type=int, default=1)
+    parser.add_argument(
+        "--fixed-weights", action="store_true", help="equal fixed task weights: no per-task gradients"
+    )
     args = parser.parse_args()
 
     n = args.batch_size * 4
@@ -72,6 +76,7 @@ def main() -> None:
                 mine_top_k=args.mine_top_k,
                 mine_every=10**9,  # mined once, in the warm-up step
                 negatives_per_item=args.negatives_per_item,
+                adaptive=not args.fixed_weights,
             ),
             "/tmp/train-speed",
         )
