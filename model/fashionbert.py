@@ -114,24 +114,6 @@ class ImageTowers(nn.Module):
         members = F.normalize(self.members(pooled).float(), dim=-1)
         return members[0] if len(members) == 1 else F.normalize(members.mean(0), dim=-1)
 
-    @staticmethod
-    def joined(towers: list[ImageTowers]) -> ImageTowers:
-        """One ensemble holding the members of `towers`, in order."""
-        first = towers[0]
-        with torch.device("meta"):  # shapes only: the weights come from the towers
-            joined = ImageTowers(
-                sum(len(t) for t in towers),
-                first.cnn_dim,
-                first.colour.weight1.shape[1] if first.colour is not None else 0,
-                first.projection.weight1.shape[2],
-                first.projection.weight2.shape[2],
-            )
-        states = [t.state_dict() for t in towers]
-        joined.load_state_dict(
-            {name: torch.cat([s[name] for s in states]) for name in states[0]}, assign=True
-        )
-        return joined
-
 
 class PatchEmbeddings(nn.Module):
     """Patch feature -> hidden size, plus the patch's grid-position and the image segment embedding. The

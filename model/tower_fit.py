@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.fashionbert import FashionBert, ImageTowers
+from model.fashionbert import FashionBert
 from model.training import warmup_cosine
 
 
@@ -82,7 +82,11 @@ def fit_image_tower(
             )
         )
         towers.append(tower)
-    model.image_towers = ImageTowers.joined(towers).eval()
+    with torch.device("meta"):  # the ensemble's shape from the model, as each member's; weights: the members'
+        ensemble = model.new_image_towers(config.towers)
+    states = [tower.state_dict() for tower in towers]
+    ensemble.load_state_dict({name: torch.cat([s[name] for s in states]) for name in states[0]}, assign=True)
+    model.image_towers = ensemble.eval()
     model.config = replace(model.config, image_towers=config.towers)
     with torch.no_grad():
         keep_alignment_operating_point(model, texts, before, model.encode_image(pooled[:, None]))
