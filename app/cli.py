@@ -134,6 +134,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             validation_negatives=args.validation_negatives,
             tasks=tasks,
             adaptive=not args.fixed_weights,
+            adaptive_scope=args.adaptive_scope,
             seed=args.seed,
             validate_every=args.validate_every,
             device=args.device,
@@ -659,6 +660,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--fixed-weights",
         action="store_true",
         help="equal fixed task weights (ablation of the adaptive loss)",
+    )
+    p.add_argument(
+        "--adaptive-scope",
+        default="last_layer",
+        help="shared encoder parameters the adaptive loss takes the task gradients on: "
+        "last_output (the last layer's feed-forward output), last_layer or encoder (default %(default)s)",
     )
     p.add_argument("--validate-every", type=int, default=200, help="steps between validations")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last")

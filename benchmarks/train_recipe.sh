@@ -9,6 +9,7 @@
 #   FUSION_LAYER=0 OUT=runs/hm-recipe-adaptive benchmarks/train_recipe.sh   # every layer joint (the paper's)
 #   LOSS=fixed FUSION_LAYER=0 OUT=runs/hm-recipe benchmarks/train_recipe.sh  # and equal fixed weights
 #   LOSS=fixed OUT=runs/hm-fixed-fusion5 benchmarks/train_recipe.sh  # the default with fixed weights (README)
+#   ADAPTIVE_SCOPE=last_output OUT=runs/hm-adaptive-output benchmarks/train_recipe.sh  # cheaper task gradients
 # The listwise phase moves the fusion layer (README, "Fusion layer"): one joint layer meets the service's
 # latency target, and its bundle stores each item's states below it.
 set -euo pipefail
@@ -17,13 +18,14 @@ OUT="${OUT:-runs/hm-fusion5}"
 PRETRAIN_MINUTES="${PRETRAIN_MINUTES:-34}"
 LISTWISE_MINUTES="${LISTWISE_MINUTES:-24}"
 LOSS="${LOSS:-adaptive}"
+ADAPTIVE_SCOPE="${ADAPTIVE_SCOPE:-last_layer}"
 QUERIES="${QUERIES:-1000}"
 RERANK_K="${RERANK_K:-50}"
 FUSION_LAYER="${FUSION_LAYER:-5}"
 
 case "$LOSS" in
     fixed) weights=(--fixed-weights) ;;
-    adaptive) weights=() ;;
+    adaptive) weights=(--adaptive-scope "$ADAPTIVE_SCOPE") ;;
     *) echo "LOSS must be fixed or adaptive, not '$LOSS'" >&2; exit 2 ;;
 esac
 

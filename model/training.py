@@ -82,9 +82,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     adaptive: bool = True  # False: equal fixed task weights (the ablation)
     tasks: tuple[str, ...] = TASKS  # a subset trains only those tasks (ablations, fast tests)
-    adaptive_scope: str = (
-        "last_layer"  # shared parameters the task gradients are taken on: last_layer | encoder
-    )
+    adaptive_scope: str = "last_layer"  # shared parameters of the task gradients: ADAPTIVE_SCOPES
     seed: int = 0
     validate_every: int = 200
     validation_queries: int = 100
@@ -98,6 +96,8 @@ class TrainConfig:
             raise ValueError("listwise alignment ranks mined false pairs: it needs mine_top_k > 0")
         if "alignment" not in self.tasks and self.listwise:
             raise ValueError("listwise is part of the alignment task, which is not trained")
+        if self.adaptive_scope not in ADAPTIVE_SCOPES:
+            raise ValueError(f"adaptive_scope must be one of {', '.join(ADAPTIVE_SCOPES)}")
 
     def total_steps(self, num_items: int) -> int:
         """Steps for the schedule: the explicit count, else the epochs, else a budget-sized guess."""
@@ -198,6 +198,26 @@ def draw_mined_negatives(
     return pairs
 
 
+ADAPTIVE_SCOPES = ("last_output", "last_layer", "encoder")
+
+
+def adaptive_shared_parameters(model: FashionBert, scope: str) -> list[torch.nn.Parameter]:
+    """The shared encoder parameters whose task gradients weigh the adaptive loss.
+
+    Each task's gradient costs a backward pass from its loss down to these parameters. `encoder` is the
+    whole encoder (K passes through every layer); `last_layer` its last layer; `last_output` that layer's
+    feed-forward output block (dense + LayerNorm), the encoder's last operations, reached without going
+    back through attention at all.
+    """
+    last = model.bert.encoder.layer[-1]
+    parameters = {
+        "last_output": last.output.parameters,
+        "last_layer": last.parameters,
+        "encoder": model.bert.encoder.parameters,
+    }[scope]()
+    return list(parameters)
+
+
 class Trainer:
     """Owns the model, optimiser, schedule and the output folder of one training run."""
 
@@ -250,11 +270,7 @@ class Trainer:
         )
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.total_steps = config.total_steps(len(train))
-        shared = (
-            list(model.bert.encoder.layer[-1].parameters())
-            if config.adaptive_scope == "last_layer"
-            else list(model.bert.encoder.parameters())
-        )
+        shared = adaptive_shared_parameters(model, config.adaptive_scope)
         self.loss = AdaptiveLoss(shared, adaptive=config.adaptive)
 
     # -- one step ------------------------------------------------------------------------------------

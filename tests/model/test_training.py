@@ -13,7 +13,15 @@ from model.data import prepare_data
 from model.evaluation import EvalConfig, evaluate_sampled
 from model.inference import FashionBertInference
 from model.patch_features import PatchFeatureConfig
-from model.training import TrainConfig, Trainer, build_model, draw_mined_negatives, mine_neighbours
+from model.training import (
+    ADAPTIVE_SCOPES,
+    TrainConfig,
+    Trainer,
+    adaptive_shared_parameters,
+    build_model,
+    draw_mined_negatives,
+    mine_neighbours,
+)
 
 
 def tiny_trainer(hm_slice, out, **overrides) -> Trainer:
@@ -213,3 +221,26 @@ def test_weight_decay_reaches_matrices_only(hm_slice, tmp_path) -> None:
     assert not decayed & {id(p) for p in towers.vectors()}
     assert id(trainer.model.bert.embeddings.LayerNorm.weight) not in decayed
     assert id(trainer.model.bert.encoder.layer[0].attention.self.query.weight) in decayed
+
+
+@pytest.mark.parametrize("scope", ["last_output", "last_layer", "encoder"])
+def test_every_task_reaches_the_adaptive_losss_shared_parameters(hm_slice, tmp_path, scope) -> None:
+    """The QP weighs tasks by their gradients on the scope: a task that never reached it would look
+    gradient-free there and take the weights of tasks it does not compete with. Scopes nest, smallest
+    (cheapest to reach) first."""
+    trainer = tiny_trainer(hm_slice, tmp_path, adaptive_scope=scope)
+    shared = trainer.loss.shared_parameters
+    losses = trainer.task_losses(list(range(16)), trainer.train_data)
+    assert set(losses) == {"mlm", "mpm", "alignment", "contrastive"}
+    for name, loss in losses.items():
+        grads = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
+        norm = sum(float(g.float().norm()) for g in grads if g is not None)
+        assert norm > 0, f"{name} does not reach the {scope} parameters"
+    sizes = {s: len(adaptive_shared_parameters(trainer.model, s)) for s in ADAPTIVE_SCOPES}
+    assert sizes["last_output"] < sizes["last_layer"] < sizes["encoder"]
+    assert len(shared) == sizes[scope]
+
+
+def test_an_unknown_adaptive_scope_is_refused() -> None:
+    with pytest.raises(ValueError, match="adaptive_scope"):
+        TrainConfig(adaptive_scope="heads")
