@@ -663,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--adaptive-scope",
-        default="last_layer",
+        default="last_output",
         help="shared encoder parameters the adaptive loss takes the task gradients on: "
         "last_output (the last layer's feed-forward output), last_layer or encoder (default %(default)s)",
     )

@@ -82,7 +82,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     adaptive: bool = True  # False: equal fixed task weights (the ablation)
     tasks: tuple[str, ...] = TASKS  # a subset trains only those tasks (ablations, fast tests)
-    adaptive_scope: str = "last_layer"  # shared parameters of the task gradients: ADAPTIVE_SCOPES
+    adaptive_scope: str = "last_output"  # shared parameters of the task gradients: ADAPTIVE_SCOPES
     seed: int = 0
     validate_every: int = 200
     validation_queries: int = 100
