@@ -210,12 +210,8 @@ def adaptive_shared_parameters(model: FashionBert, scope: str) -> list[torch.nn.
     back through attention at all.
     """
     last = model.bert.encoder.layer[-1]
-    parameters = {
-        "last_output": last.output.parameters,
-        "last_layer": last.parameters,
-        "encoder": model.bert.encoder.parameters,
-    }[scope]()
-    return list(parameters)
+    modules = {"last_output": last.output, "last_layer": last, "encoder": model.bert.encoder}
+    return list(modules[scope].parameters())
 
 
 class Trainer:
