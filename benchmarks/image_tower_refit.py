@@ -33,7 +33,7 @@ from rerank_fusion import load_split
 from torch import nn
 
 from model.evaluation import _embedding_search, draw_queries, text_codes
-from model.fashionbert import FashionBert, colour_path
+from model.fashionbert import FashionBert, colour_path, mlp
 from model.inference import FashionBertInference
 from model.metrics import recall_at_k
 from model.patch_features import PatchFeatureConfig
@@ -41,13 +41,9 @@ from model.tower_fit import TowerFitConfig, fit_tower
 
 
 def fresh_tower_mlp(model: FashionBert) -> nn.Sequential:
-    """A freshly initialised MLP of the shape of the model's image tower members (model.fashionbert.StackedMLP
-    stacks these): LayerNorm -> Linear -> GELU -> Linear."""
+    """A freshly initialised `mlp` of the shape of the model's image tower members (StackedMLP stacks these)."""
     cnn_dim, hidden = model.image_towers.projection.weight1.shape[1:]
-    embed_dim = model.image_towers.projection.weight2.shape[2]
-    return nn.Sequential(
-        nn.LayerNorm(cnn_dim), nn.Linear(cnn_dim, hidden), nn.GELU(), nn.Linear(hidden, embed_dim)
-    )
+    return mlp(cnn_dim, hidden, model.image_towers.projection.weight2.shape[2])
 
 
 class MeanPoolTower(nn.Module):

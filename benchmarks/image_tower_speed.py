@@ -22,19 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.fashionbert import FashionBert, StackedMLP
+from model.fashionbert import FashionBert, StackedMLP, mlp
 from model.inference import FashionBertInference
 
 
 def member_layers(stacked: StackedMLP, k: int) -> nn.Sequential:
     """Member k of `stacked` as the `nn` layers it was before stacking."""
-    hidden, out_dim = stacked.weight2.shape[1:]
-    layers = nn.Sequential(
-        nn.LayerNorm(stacked.weight1.shape[1]),
-        nn.Linear(stacked.weight1.shape[1], hidden),
-        nn.GELU(),
-        nn.Linear(hidden, out_dim),
-    ).to(stacked.weight1.dtype)
+    layers = mlp(stacked.weight1.shape[1], *stacked.weight2.shape[1:]).to(stacked.weight1.dtype)
     with torch.no_grad():
         layers[0].weight.copy_(stacked.norm_weight[k])
         layers[0].bias.copy_(stacked.norm_bias[k])

@@ -22,22 +22,27 @@ from model.config import FashionBertConfig, resolve_text_model
 TEXT_SEGMENT, IMAGE_SEGMENT = 0, 1
 
 
+def mlp(in_dim: int, hidden: int, out_dim: int, zero_last: bool = False) -> nn.Sequential:
+    """LayerNorm -> Linear -> GELU -> Linear: the shape of every small head on pooled features here.
+    `zero_last` starts its output at zero, so a path added to a trained model changes nothing yet."""
+    net = nn.Sequential(
+        nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim)
+    )
+    if zero_last:
+        nn.init.zeros_(net[-1].weight)
+        nn.init.zeros_(net[-1].bias)
+    return net
+
+
 def colour_path(in_dim: int, out_dim: int) -> nn.Module | None:
     """Colour histograms -> a term added to the CNN path's output; None without colour. Its last layer starts
     at zero, so a trained model grown colour paths (`model.training.grow_colour_path`) computes what it did
     before."""
-    if in_dim == 0:
-        return None
-    path = nn.Sequential(
-        nn.LayerNorm(in_dim), nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim)
-    )
-    nn.init.zeros_(path[-1].weight)
-    nn.init.zeros_(path[-1].bias)
-    return path
+    return mlp(in_dim, out_dim, out_dim, zero_last=True) if in_dim else None
 
 
 class StackedMLP(nn.Module):
-    """`members` separate LayerNorm -> Linear -> GELU -> Linear networks, (B, D) -> (K, B, E), with their
+    """`members` separate `mlp` networks, (B, D) -> (K, B, E), with their
     weights stacked on a leading member axis: an ensemble's forward is two batched matmuls instead of a pass
     per member, which for a single image query costs mostly call overhead (README, "Image tower ensemble").
     Each member is initialised as those `nn` layers would be, in that order, so a member built under a
@@ -45,16 +50,7 @@ class StackedMLP(nn.Module):
 
     def __init__(self, members: int, in_dim: int, hidden: int, out_dim: int, zero_last: bool = False):
         super().__init__()
-        nets = [
-            nn.Sequential(
-                nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim)
-            )
-            for _ in range(members)
-        ]
-        if zero_last:
-            for net in nets:
-                nn.init.zeros_(net[-1].weight)
-                nn.init.zeros_(net[-1].bias)
+        nets = [mlp(in_dim, hidden, out_dim, zero_last) for _ in range(members)]
 
         def stacked(tensors: list[torch.Tensor]) -> nn.Parameter:
             return nn.Parameter(torch.stack([t.detach() for t in tensors]))
