@@ -50,7 +50,17 @@ def _add_model_shape(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--patch-mode", choices=["whole", "per_patch"], default="whole")
     p.add_argument("--grid", type=int, default=8, help="patches per side (default: %(default)s)")
+    _add_image_size(p)
     _add_colour(p)
+
+
+def _add_image_size(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=256,
+        help="side of the square each photo is letterboxed to before the patch network (default: %(default)s)",
+    )
 
 
 def _add_colour(p: argparse.ArgumentParser) -> None:
@@ -83,7 +93,9 @@ def cmd_features(args: argparse.Namespace) -> int:
     from model.patch_features import PatchFeatureConfig, PatchFeatureExtractor
 
     catalogue = load_catalogue(args.data, limit=args.limit)
-    extractor = PatchFeatureExtractor(PatchFeatureConfig(mode=args.mode, grid=args.grid, colour=args.colour))
+    extractor = PatchFeatureExtractor(
+        PatchFeatureConfig(mode=args.mode, grid=args.grid, image_size=args.image_size, colour=args.colour)
+    )
     kept, features = FeatureCache(args.cache, extractor).features_for(catalogue, batch_size=args.batch_size)
     print(f"{len(kept)} items with features {tuple(features.shape)}; {len(catalogue) - len(kept)} skipped")
     return 0
@@ -93,7 +105,9 @@ def _model_and_patch_config(args: argparse.Namespace):
     from model.config import TINY_BERT, FashionBertConfig
     from model.patch_features import PatchFeatureConfig
 
-    patch_config = PatchFeatureConfig(mode=args.patch_mode, grid=args.grid, colour=args.colour)
+    patch_config = PatchFeatureConfig(
+        mode=args.patch_mode, grid=args.grid, image_size=args.image_size, colour=args.colour
+    )
     config = FashionBertConfig(
         text_model=args.text_model,
         max_text_len=args.max_text_len,
@@ -589,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache(p)
     p.add_argument("--mode", choices=["whole", "per_patch"], default="whole")
     p.add_argument("--grid", type=int, default=8, help="patches per side (default: %(default)s)")
+    _add_image_size(p)
     _add_colour(p)
     p.add_argument("--batch-size", type=int, default=32)
 
