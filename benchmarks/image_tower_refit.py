@@ -154,6 +154,12 @@ def main() -> None:
         "--colour", action="store_true", help="read colour histograms too (needed by the colour tower)"
     )
     parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="fit on patch features of photos letterboxed to this size (default: the model's)",
+    )
+    parser.add_argument(
         "--ensemble", action="store_true", help="also rank by each tower's embeddings averaged over its seeds"
     )
     args = parser.parse_args()
@@ -162,6 +168,8 @@ def main() -> None:
     patch_config = PatchFeatureConfig.from_dict(inference.config.patch_features)
     if args.colour:
         patch_config = replace(patch_config, colour=True)
+    if args.image_size:
+        patch_config = replace(patch_config, image_size=args.image_size)
     (train, train_patches), (val, val_patches) = (
         load_split(args.data, inference, part, patch_config=patch_config) for part in ("train", "validation")
     )
@@ -175,8 +183,9 @@ def main() -> None:
 
     model, config = inference.model, inference.model.config
     hidden, embed_dim = model.bert.config.hidden_size, config.embed_dim
-    own = val_patches[..., : config.patch_feature_dim]  # the features the model reads
-    print(f"the model's own image tower: {gallery(inference.encode_images(own))}", flush=True)
+    if not args.image_size:  # the model's own tower reads only the features it was trained on
+        own = val_patches[..., : config.patch_feature_dim]
+        print(f"the model's own image tower: {gallery(inference.encode_images(own))}", flush=True)
     towers = {
         "mean": ("mean pool, re-fitted", lambda: MeanPoolTower(fresh_tower_mlp(model))),
         "attention": (

@@ -1,6 +1,7 @@
 """Patch-feature throughput: whole-image vs per-patch mode, float32 vs bfloat16 autocast.
 
     python benchmarks/patch_features.py --data hm:../shared/data/hm --n 256 --repeats 3
+    python benchmarks/patch_features.py --modes whole --image-sizes 256,384 --batch-size 1  # a query's cost
 
 "model" times the extractor on letterboxed pixels already in memory; "decode" times reading,
 decoding and letterboxing alone; "model+decode" is the two one after the other for one image.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import logging
 import os
 import statistics
@@ -56,6 +58,12 @@ def main() -> int:
     parser.add_argument(
         "--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)"
     )
+    parser.add_argument(
+        "--modes", default="whole,per_patch", help="comma-separated patch modes (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--image-sizes", default="256", help="comma-separated letterbox sizes (default: %(default)s)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -79,8 +87,10 @@ def main() -> int:
         return np.stack([extractor.preprocess(Image.open(io.BytesIO(data))) for data in images])
 
     rows = []
-    for mode in ("whole", "per_patch"):
-        extractor = PatchFeatureExtractor(PatchFeatureConfig(mode=mode), device=args.device)
+    sizes, modes = (int(size) for size in args.image_sizes.split(",")), args.modes.split(",")
+    for size, mode in itertools.product(sizes, modes):
+        config = PatchFeatureConfig(mode=mode, image_size=size)
+        extractor = PatchFeatureExtractor(config, device=args.device)
         decode_rate = median_rate(n, args.repeats, lambda extractor=extractor: decode_all(extractor))
         pixels = decode_all(extractor)
         for precision, autocast in (("float32", False), ("bfloat16", True)):
@@ -98,13 +108,13 @@ def main() -> int:
             extractor.extract_pixels(pixels[: args.batch_size], autocast=autocast)  # warm-up
             model_rate = median_rate(n, args.repeats, run)
             serial_rate = 1.0 / (1.0 / model_rate + 1.0 / decode_rate)
-            rows.append((mode, precision, model_rate, decode_rate, serial_rate))
+            rows.append((size, mode, precision, model_rate, decode_rate, serial_rate))
 
-    header = ("mode", "precision", "model img/s", "decode img/s", "model+decode img/s")
+    header = ("image size", "mode", "precision", "model img/s", "decode img/s", "model+decode img/s")
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
-    for mode, precision, model_rate, decode_rate, serial_rate in rows:
-        print(f"| {mode} | {precision} | {model_rate:.1f} | {decode_rate:.1f} | {serial_rate:.1f} |")
+    for size, mode, precision, model_rate, decode_rate, serial_rate in rows:
+        print(f"| {size} | {mode} | {precision} | {model_rate:.1f} | {decode_rate:.1f} | {serial_rate:.1f} |")
 
     extractor = PatchFeatureExtractor(device=args.device)
     with tempfile.TemporaryDirectory() as root:

@@ -25,6 +25,7 @@ ADAPTIVE_SCOPE="${ADAPTIVE_SCOPE:-last_output}"
 QUERIES="${QUERIES:-1000}"
 RERANK_K="${RERANK_K:-50}"
 FUSION_LAYER="${FUSION_LAYER:-5}"
+IMAGE_SIZE="${IMAGE_SIZE:-256}"
 
 case "$LOSS" in
     fixed) weights=(--fixed-weights) ;;
@@ -32,9 +33,10 @@ case "$LOSS" in
     *) echo "LOSS must be fixed or adaptive, not '$LOSS'" >&2; exit 2 ;;
 esac
 
-fashionbert features --data "$DATA"
+fashionbert features --data "$DATA" --image-size "$IMAGE_SIZE"
 start=$(date +%s)
-fashionbert train --data "$DATA" --out "$OUT/pretrain" --budget-minutes "$PRETRAIN_MINUTES" "${weights[@]}" "$@"
+fashionbert train --data "$DATA" --out "$OUT/pretrain" --budget-minutes "$PRETRAIN_MINUTES" "${weights[@]}" \
+    --image-size "$IMAGE_SIZE" "$@"
 fashionbert train --data "$DATA" --out "$OUT/listwise" --budget-minutes "$LISTWISE_MINUTES" "${weights[@]}" \
     --init "$OUT/pretrain/best" --fusion-layer "$FUSION_LAYER" --tasks alignment,contrastive --listwise --mine-top-k 30 --negatives-per-item 4 \
     --mine-every 150 --batch-size 24 --lr 5e-5 --warmup-steps 20 --validate-every 100
