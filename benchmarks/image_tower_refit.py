@@ -2,6 +2,8 @@
 
     python benchmarks/image_tower_refit.py --model runs/hm-listwise/best --data hm:../shared/data/hm
     python benchmarks/image_tower_refit.py ... --colour --towers mean,colour --seeds 0,1
+    python benchmarks/image_tower_refit.py --untrained --data hm:../shared/data/hm --colour \
+        --towers colour,mean --image-size 384   # which photo size gives the patch network more to say
 
 The text tower's embeddings of the train split are computed once and held fixed; a fresh image tower is
 fitted to them with the symmetric InfoNCE loss (items with identical text count as positives of each
@@ -32,12 +34,14 @@ import torch.nn.functional as F
 from rerank_fusion import load_split
 from torch import nn
 
+from model.config import FashionBertConfig
 from model.evaluation import _embedding_search, draw_queries, text_codes
 from model.fashionbert import FashionBert, colour_path, mlp
 from model.inference import FashionBertInference
 from model.metrics import recall_at_k
 from model.patch_features import PatchFeatureConfig
 from model.tower_fit import TowerFitConfig, fit_tower
+from model.training import build_model
 
 
 def fresh_tower_mlp(model: FashionBert) -> nn.Sequential:
@@ -135,7 +139,14 @@ def gallery_recalls(images: np.ndarray, texts: np.ndarray, codes: np.ndarray, qu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="checkpoint folder (its text tower is kept)")
+    model_source = parser.add_mutually_exclusive_group(required=True)
+    model_source.add_argument("--model", help="checkpoint folder (its text tower is kept)")
+    model_source.add_argument(
+        "--untrained",
+        action="store_true",
+        help="the default model before training (pretrained text model, fresh heads): compares patch "
+        "features (--image-size) without a training run",
+    )
     parser.add_argument(
         "--data", required=True, help="catalogue SPEC (train split fits, validation measures)"
     )
@@ -164,7 +175,12 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    inference = FashionBertInference.from_checkpoint(args.model, device="cpu")
+    if args.untrained:
+        torch.manual_seed(0)
+        config = FashionBertConfig().with_patch_features(PatchFeatureConfig(colour=True))
+        inference = FashionBertInference(*build_model(config, pretrained=True), device="cpu")
+    else:
+        inference = FashionBertInference.from_checkpoint(args.model, device="cpu")
     patch_config = PatchFeatureConfig.from_dict(inference.config.patch_features)
     if args.colour:
         patch_config = replace(patch_config, colour=True)
@@ -183,7 +199,7 @@ def main() -> None:
 
     model, config = inference.model, inference.model.config
     hidden, embed_dim = model.bert.config.hidden_size, config.embed_dim
-    if not args.image_size:  # the model's own tower reads only the features it was trained on
+    if args.model and not args.image_size:  # its own tower reads only the features it was trained on
         own = val_patches[..., : config.patch_feature_dim]
         print(f"the model's own image tower: {gallery(inference.encode_images(own))}", flush=True)
     towers = {
