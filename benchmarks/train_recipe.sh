@@ -12,7 +12,8 @@
 #   LOSS=fixed FUSION_LAYER=0 OUT=runs/hm-recipe benchmarks/train_recipe.sh  # and equal fixed weights
 # ADAPTIVE_SCOPE picks the shared parameters of the adaptive loss's task gradients (`--adaptive-scope`):
 # last_output, the last layer's feed-forward output block, costs 1.06x a fixed-weights step; last_layer,
-# which the runs before stop 26 used, 1.24x.
+# which the runs before stop 26 used, 1.24x. IMAGE_SIZE letterboxes the photos to another size before
+# the patch network (README, "Photo size": 384 was level with 256 after training, and costs 1.65x a photo).
 # The listwise phase moves the fusion layer (README, "Fusion layer"): one joint layer meets the service's
 # latency target, and its bundle stores each item's states below it.
 set -euo pipefail
