@@ -90,24 +90,27 @@ def cmd_catalogue(args: argparse.Namespace) -> int:
 def cmd_features(args: argparse.Namespace) -> int:
     from model.catalogue import load_catalogue
     from model.feature_cache import FeatureCache
-    from model.patch_features import PatchFeatureConfig, PatchFeatureExtractor
+    from model.patch_features import PatchFeatureExtractor
 
     catalogue = load_catalogue(args.data, limit=args.limit)
-    extractor = PatchFeatureExtractor(
-        PatchFeatureConfig(mode=args.mode, grid=args.grid, image_size=args.image_size, colour=args.colour)
-    )
+    extractor = PatchFeatureExtractor(_patch_config(args, mode=args.mode))
     kept, features = FeatureCache(args.cache, extractor).features_for(catalogue, batch_size=args.batch_size)
     print(f"{len(kept)} items with features {tuple(features.shape)}; {len(catalogue) - len(kept)} skipped")
     return 0
 
 
-def _model_and_patch_config(args: argparse.Namespace):
-    from model.config import TINY_BERT, FashionBertConfig
+def _patch_config(args: argparse.Namespace, mode: str):
+    """The patch features `features` computes and `train` reads, from their shared flags (`--mode` is
+    `--patch-mode` among train's model-shape flags)."""
     from model.patch_features import PatchFeatureConfig
 
-    patch_config = PatchFeatureConfig(
-        mode=args.patch_mode, grid=args.grid, image_size=args.image_size, colour=args.colour
-    )
+    return PatchFeatureConfig(mode=mode, grid=args.grid, image_size=args.image_size, colour=args.colour)
+
+
+def _model_and_patch_config(args: argparse.Namespace):
+    from model.config import TINY_BERT, FashionBertConfig
+
+    patch_config = _patch_config(args, mode=args.patch_mode)
     config = FashionBertConfig(
         text_model=args.text_model,
         max_text_len=args.max_text_len,
