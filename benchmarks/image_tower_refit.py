@@ -4,6 +4,7 @@
     python benchmarks/image_tower_refit.py ... --colour --towers mean,colour --seeds 0,1
     python benchmarks/image_tower_refit.py --untrained --data hm:../shared/data/hm --colour \
         --towers colour,mean --image-size 384   # which photo size gives the patch network more to say
+    python benchmarks/image_tower_refit.py --untrained ... --backbone efficientnet-lite2  # which patch network
 
 The text tower's embeddings of the train split are computed once and held fixed; a fresh image tower is
 fitted to them with the symmetric InfoNCE loss (items with identical text count as positives of each
@@ -171,6 +172,11 @@ def main() -> None:
         help="fit on patch features of photos letterboxed to this size (default: the model's)",
     )
     parser.add_argument(
+        "--backbone",
+        default=None,
+        help="fit on patch features of another patch network (default: the model's)",
+    )
+    parser.add_argument(
         "--ensemble", action="store_true", help="also rank by each tower's embeddings averaged over its seeds"
     )
     args = parser.parse_args()
@@ -186,6 +192,8 @@ def main() -> None:
         patch_config = replace(patch_config, colour=True)
     if args.image_size:
         patch_config = replace(patch_config, image_size=args.image_size)
+    if args.backbone:
+        patch_config = replace(patch_config, backbone=args.backbone)
     (train, train_patches), (val, val_patches) = (
         load_split(args.data, inference, part, patch_config=patch_config) for part in ("train", "validation")
     )
@@ -199,7 +207,8 @@ def main() -> None:
 
     model, config = inference.model, inference.model.config
     hidden, embed_dim = model.bert.config.hidden_size, config.embed_dim
-    if args.model and not args.image_size:  # its own tower reads only the features it was trained on
+    own_features = not (args.image_size or args.backbone)  # its own tower reads only what it was trained on
+    if args.model and own_features:
         own = val_patches[..., : config.patch_feature_dim]
         print(f"the model's own image tower: {gallery(inference.encode_images(own))}", flush=True)
     towers = {

@@ -2,6 +2,7 @@
 
     python benchmarks/patch_features.py --data hm:../shared/data/hm --n 256 --repeats 3
     python benchmarks/patch_features.py --modes whole --image-sizes 256,384 --batch-size 1  # a query's cost
+    python benchmarks/patch_features.py --modes whole --backbones efficientnet-lite0,efficientnet-lite2,...
 
 "model" times the extractor on letterboxed pixels already in memory; "decode" times reading,
 decoding and letterboxing alone; "model+decode" is the two one after the other for one image.
@@ -64,6 +65,11 @@ def main() -> int:
     parser.add_argument(
         "--image-sizes", default="256", help="comma-separated letterbox sizes (default: %(default)s)"
     )
+    parser.add_argument(
+        "--backbones",
+        default="efficientnet-lite0",
+        help="comma-separated patch networks; repeat them to alternate (default: %(default)s)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -87,9 +93,9 @@ def main() -> int:
         return np.stack([extractor.preprocess(Image.open(io.BytesIO(data))) for data in images])
 
     rows = []
-    sizes, modes = (int(size) for size in args.image_sizes.split(",")), args.modes.split(",")
-    for size, mode in itertools.product(sizes, modes):
-        config = PatchFeatureConfig(mode=mode, image_size=size)
+    sizes, modes = [int(size) for size in args.image_sizes.split(",")], args.modes.split(",")
+    for backbone, size, mode in itertools.product(args.backbones.split(","), sizes, modes):
+        config = PatchFeatureConfig(backbone=backbone, mode=mode, image_size=size)
         extractor = PatchFeatureExtractor(config, device=args.device)
         decode_rate = median_rate(n, args.repeats, lambda extractor=extractor: decode_all(extractor))
         pixels = decode_all(extractor)
@@ -108,13 +114,14 @@ def main() -> int:
             extractor.extract_pixels(pixels[: args.batch_size], autocast=autocast)  # warm-up
             model_rate = median_rate(n, args.repeats, run)
             serial_rate = 1.0 / (1.0 / model_rate + 1.0 / decode_rate)
-            rows.append((size, mode, precision, model_rate, decode_rate, serial_rate))
+            rows.append((backbone, size, mode, precision, model_rate, decode_rate, serial_rate))
 
-    header = ("image size", "mode", "precision", "model img/s", "decode img/s", "model+decode img/s")
+    header = ("backbone", "size", "mode", "precision", "model img/s", "decode img/s", "model+decode img/s")
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
-    for size, mode, precision, model_rate, decode_rate, serial_rate in rows:
-        print(f"| {size} | {mode} | {precision} | {model_rate:.1f} | {decode_rate:.1f} | {serial_rate:.1f} |")
+    for backbone, size, mode, precision, model_rate, decode_rate, serial_rate in rows:
+        rates = f"{model_rate:.1f} | {decode_rate:.1f} | {serial_rate:.1f}"
+        print(f"| {backbone} | {size} | {mode} | {precision} | {rates} |")
 
     extractor = PatchFeatureExtractor(device=args.device)
     with tempfile.TemporaryDirectory() as root:

@@ -13,7 +13,8 @@
 # ADAPTIVE_SCOPE picks the shared parameters of the adaptive loss's task gradients (`--adaptive-scope`):
 # last_output, the last layer's feed-forward output block, costs 1.06x a fixed-weights step; last_layer,
 # which the runs before stop 26 used, 1.24x. IMAGE_SIZE letterboxes the photos to another size before
-# the patch network (README, "Photo size": 384 was level with 256 after training, and costs 1.65x a photo).
+# the patch network (README, "Photo size": 384 was level with 256 after training, and costs 1.65x a photo);
+# BACKBONE picks the patch network (`--backbone`; the deeper Lite1 and Lite2 need the `backbones` extra).
 # The listwise phase moves the fusion layer (README, "Fusion layer"): one joint layer meets the service's
 # latency target, and its bundle stores each item's states below it.
 set -euo pipefail
@@ -27,6 +28,7 @@ QUERIES="${QUERIES:-1000}"
 RERANK_K="${RERANK_K:-50}"
 FUSION_LAYER="${FUSION_LAYER:-5}"
 IMAGE_SIZE="${IMAGE_SIZE:-256}"
+BACKBONE="${BACKBONE:-efficientnet-lite0}"
 
 case "$LOSS" in
     fixed) weights=(--fixed-weights) ;;
@@ -34,10 +36,10 @@ case "$LOSS" in
     *) echo "LOSS must be fixed or adaptive, not '$LOSS'" >&2; exit 2 ;;
 esac
 
-fashionbert features --data "$DATA" --image-size "$IMAGE_SIZE"
+fashionbert features --data "$DATA" --image-size "$IMAGE_SIZE" --backbone "$BACKBONE"
 start=$(date +%s)
 fashionbert train --data "$DATA" --out "$OUT/pretrain" --budget-minutes "$PRETRAIN_MINUTES" "${weights[@]}" \
-    --image-size "$IMAGE_SIZE" "$@"
+    --image-size "$IMAGE_SIZE" --backbone "$BACKBONE" "$@"
 fashionbert train --data "$DATA" --out "$OUT/listwise" --budget-minutes "$LISTWISE_MINUTES" "${weights[@]}" \
     --init "$OUT/pretrain/best" --fusion-layer "$FUSION_LAYER" --tasks alignment,contrastive --listwise --mine-top-k 30 --negatives-per-item 4 \
     --mine-every 150 --batch-size 24 --lr 5e-5 --warmup-steps 20 --validate-every 100
