@@ -97,8 +97,9 @@ def cmd_features(args: argparse.Namespace) -> int:
     from model.feature_cache import FeatureCache
     from model.patch_features import PatchFeatureExtractor
 
+    patch_config = _patch_config(args, mode=args.mode)  # a bad flag fails before the catalogue is read
     catalogue = load_catalogue(args.data, limit=args.limit)
-    extractor = PatchFeatureExtractor(_patch_config(args, mode=args.mode))
+    extractor = PatchFeatureExtractor(patch_config)
     kept, features = FeatureCache(args.cache, extractor).features_for(catalogue, batch_size=args.batch_size)
     print(f"{len(kept)} items with features {tuple(features.shape)}; {len(catalogue) - len(kept)} skipped")
     return 0
@@ -109,9 +110,12 @@ def _patch_config(args: argparse.Namespace, mode: str):
     `--patch-mode` among train's model-shape flags)."""
     from model.patch_features import PatchFeatureConfig
 
-    return PatchFeatureConfig(
-        backbone=args.backbone, mode=mode, grid=args.grid, image_size=args.image_size, colour=args.colour
-    )
+    try:
+        return PatchFeatureConfig(
+            backbone=args.backbone, mode=mode, grid=args.grid, image_size=args.image_size, colour=args.colour
+        )
+    except ValueError as error:  # an unknown backbone, a grid that does not divide the image size
+        raise SystemExit(f"error: {error}") from error
 
 
 def _model_and_patch_config(args: argparse.Namespace):

@@ -29,3 +29,21 @@ def test_image_size_and_backbone_reach_the_feature_cache_and_the_trained_checkpo
     config = json.loads((out / "best" / "config.json").read_text())["patch_features"]
     # What serving will letterbox query photos to, and the network it will run on them.
     assert (config["image_size"], config["backbone"]) == (128, "efficientnet-lite1")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--backbone", "resnet-50"], "unknown patch backbone 'resnet-50'; known: efficientnet-lite0"),
+        (["--image-size", "100"], "grid 8 must divide image_size 100"),
+    ],
+)
+@pytest.mark.parametrize("command", ["features", "train"])
+def test_a_bad_patch_network_flag_is_a_clear_error(
+    command: str, flags: list[str], message: str, shared_data: Path, tmp_path: Path
+) -> None:
+    args = [command, "--data", f"hm:{shared_data / 'hm'}", "--limit", "8", "--cache", str(tmp_path), *flags]
+    if command == "train":
+        args += ["--out", str(tmp_path / "run"), "--tiny", "--steps", "1"]
+    with pytest.raises(SystemExit, match=f"^error: {message}"):
+        main(args)
