@@ -232,6 +232,14 @@ def cmd_fit_image_tower(args: argparse.Namespace) -> int:
     patch_config = PatchFeatureConfig.from_dict(model.config.patch_features)
     kept, features = catalogue_features(load_catalogue(args.data, limit=args.limit), args.cache, patch_config)
     (train, train_features), _ = split_with_features(kept, features, args.val_fraction, seed=args.split_seed)
+    views = []
+    for view in args.views:  # the train items' photos seen another way, cached apart (computed on a miss)
+        seen, grids = catalogue_features(train, args.cache, patch_config, view=view)
+        if len(seen) != len(train):
+            raise SystemExit(
+                f"error: {len(train) - len(seen)} train photos could not be read for view {view}"
+            )
+        views.append(grids)
     inference = FashionBertInference(model, tokenizer, device="cpu")
     texts = inference.encode_texts([item.text for item in train.items])  # the locked text tower's
     config = TowerFitConfig(
@@ -241,12 +249,13 @@ def cmd_fit_image_tower(args: argparse.Namespace) -> int:
         seed=args.seed,
         towers=args.towers,
     )
-    losses = fit_image_tower(inference.model, texts, train_features, text_codes(train), config)
+    losses = fit_image_tower(inference.model, texts, train_features, text_codes(train), config, views=views)
     summary = {
         **read_summary(args.model),
         "image_tower_fit": {
             "from": str(args.model),
             "config": asdict(config),
+            "views": list(args.views),
             "train_items": len(train),
             "data_fingerprint": kept.fingerprint(),
             "final_loss": [tower_losses[-1] for tower_losses in losses],
@@ -366,6 +375,15 @@ def _positive_int(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value!r}")
     return int(value)
+
+
+def _views(value: str) -> tuple[str, ...]:
+    from model.views import VIEWS
+
+    views = tuple(view for view in value.split(",") if view)
+    if unknown := [view for view in views if view not in VIEWS]:
+        raise argparse.ArgumentTypeError(f"unknown views {unknown}; choose from {','.join(VIEWS)}")
+    return views
 
 
 def _count_or_all(value: str) -> int | None:
@@ -721,6 +739,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0, help="the first tower's; tower k's is seed + k")
+    p.add_argument(
+        "--views",
+        type=_views,
+        default=(),
+        help="also fit on these views of the train photos, comma-separated from "
+        "flip,crop,flipcrop (model/views.py: a feature pass each on a cold cache, about 3 minutes for H&M)",
+    )
     p.add_argument(
         "--towers",
         type=_positive_int,

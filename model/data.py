@@ -68,11 +68,16 @@ def prepare_data(
 
 
 def catalogue_features(
-    catalogue: Catalogue, cache_root: str | Path, patch_config: PatchFeatureConfig, device: str = "cpu"
+    catalogue: Catalogue,
+    cache_root: str | Path,
+    patch_config: PatchFeatureConfig,
+    device: str = "cpu",
+    view: str | None = None,
 ) -> tuple[Catalogue, np.ndarray]:
-    """Patch features of every item with a readable image, from the cache (computed once on a miss)."""
+    """Patch features of every item with a readable image (of its photo seen through `view`, `model.views`),
+    from the cache (computed once on a miss)."""
     extractor = PatchFeatureExtractor(patch_config, device=device)
-    return FeatureCache(cache_root, extractor).features_for(catalogue)
+    return FeatureCache(cache_root, extractor, view=view).features_for(catalogue)
 
 
 def split_with_features(

@@ -1,7 +1,7 @@
 """Patch features on disk, keyed by image content: each image goes through the CNN once per extractor.
 
 Layout: `<root>/<extractor fingerprint[:16]>/<key[:2]>/<key>.npy`, key = sha256 of the image file's
-bytes, stored float16 (N, D). A changed extractor config or weight file changes the fingerprint, so
+bytes, stored float16 (N, D); an augmented view's (`model.views`) in `<fingerprint[:16]>-<view>/`. A changed extractor config or weight file changes the fingerprint, so
 old entries are simply never looked at again; byte-identical images share one entry.
 """
 
@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from model.patch_features import PatchFeatureExtractor
+from model.views import VIEWS, view_image
 
 if TYPE_CHECKING:
     from model.catalogue import Catalogue, Item
@@ -40,13 +41,17 @@ def image_key(image_bytes: bytes) -> str:
 
 
 class FeatureCache:
-    """Content-addressed store of one extractor's patch features, filled by `features_for`."""
+    """Content-addressed store of one extractor's patch features, filled by `features_for`; with a `view`,
+    those of that view of each photo (`model.views`), for the image tower's fit."""
 
-    def __init__(self, root: str | Path, extractor: PatchFeatureExtractor) -> None:
+    def __init__(self, root: str | Path, extractor: PatchFeatureExtractor, view: str | None = None) -> None:
+        if view is not None and view not in VIEWS:
+            raise ValueError(f"unknown view {view!r}; known: {', '.join(VIEWS)}")
         self.root = Path(root)
         self.extractor = extractor
+        self.view = view
         fingerprint = extractor.fingerprint()
-        self.folder = self.root / fingerprint[:16]
+        self.folder = self.root / (fingerprint[:16] if view is None else f"{fingerprint[:16]}-{view}")
         self.shape = (extractor.num_patches, extractor.feature_dim)
         self._describe(fingerprint)
 
@@ -54,9 +59,10 @@ class FeatureCache:
         # A human-readable note of which extractor a folder of opaque hashes belongs to.
         note = self.folder / "extractor.json"
         if not note.exists():
-            text = json.dumps(
-                {"fingerprint": fingerprint, "config": self.extractor.config.to_dict()}, indent=2
-            )
+            described = {"fingerprint": fingerprint, "config": self.extractor.config.to_dict()}
+            if self.view is not None:
+                described["view"] = self.view
+            text = json.dumps(described, indent=2)
             self._write_atomic(note, lambda f: f.write(text.encode() + b"\n"))
 
     def path(self, key: str) -> Path:
@@ -178,13 +184,14 @@ class FeatureCache:
                 if len(batch) == batch_size:
                     # Decode this batch in the pool while the extractor runs the previous one.
                     submitted = [
-                        (key, pool.submit(self._decode, catalogue, item, data)) for key, item, data in batch
+                        (key, pool.submit(self._decode, catalogue, item, data, key))
+                        for key, item, data in batch
                     ]
                     batch = []
                     run(decoding)
                     decoding = submitted
             run(decoding)
-            run([(key, pool.submit(self._decode, catalogue, item, data)) for key, item, data in batch])
+            run([(key, pool.submit(self._decode, catalogue, item, data, key)) for key, item, data in batch])
 
         if skipped:
             ids = [str(items[row].id) for row in sorted(skipped)[:5]]
@@ -206,17 +213,20 @@ class FeatureCache:
         keep = np.flatnonzero(have)
         return catalogue.subset([items[row] for row in keep]), features[keep]
 
-    def _decode(self, catalogue: Catalogue, item: Item, data: bytes) -> np.ndarray | None:
-        """An item's image -> letterboxed pixels, or None when it is not readable."""
+    def _decode(self, catalogue: Catalogue, item: Item, data: bytes, key: str) -> np.ndarray | None:
+        """An item's image (through the cache's view) -> letterboxed pixels, or None when it is not readable."""
         try:
             # Decoding the bytes already read and hashed saves a second read of the file.
             with Image.open(io.BytesIO(data)) as image:
-                return self.extractor.preprocess(image)
+                return self._preprocess(image, key)
         except UNREADABLE_IMAGE_ERRORS:
             pass
         try:
             # Not an encoded image file (HDF5 catalogues hand out raw arrays), or a broken one:
             # the catalogue knows how to open its own images, or raises ImageError.
-            return self.extractor.preprocess(catalogue.open_image(item))
+            return self._preprocess(catalogue.open_image(item), key)
         except UNREADABLE_IMAGE_ERRORS:
             return None
+
+    def _preprocess(self, image: Image.Image, key: str) -> np.ndarray:
+        return self.extractor.preprocess(image if self.view is None else view_image(image, self.view, key))

@@ -14,7 +14,7 @@ seed; 8 fitted apart and averaged (`TowerFitConfig.towers`) gain about 3 points 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -46,20 +46,28 @@ def fit_image_tower(
     text_codes: np.ndarray,
     config: TowerFitConfig = TowerFitConfig(),
     log_every: int = 100,
+    views: Sequence[np.ndarray] = (),
 ) -> list[list[float]]:
     """Replace `model`'s image towers by `config.towers` fresh ones fitted so that item i's image embedding
     finds `text_embeddings[i]`, each on its own (seed `config.seed + k`): an ensemble whose averaged
     embeddings generalise better than any member.
 
     text_embeddings: (n, E) the locked text tower's; patch_features: (n, N, D) the items' patch grids;
-    text_codes: (n,) equal codes for identical texts, which count as each other's partners. Returns each
+    text_codes: (n,) equal codes for identical texts, which count as each other's partners; views: more
+    (n, N, D) grids of the same items, each from another view of their photos (`model.views`): every step
+    reads each item through one of the photo and its views, drawn at random. Returns each
     tower's loss at every step. Nothing but the image towers and the alignment head's bias changes: the
     alignment logit adds `tower_scale` x the towers' cosine, so new towers move every logit, and the bias
     takes back their average move (`keep_alignment_operating_point`).
     """
+    assert all(grids.shape == patch_features.shape for grids in views), "a view must hold every item's grid"
     device = model.logit_scale.device
     # One pooled vector per image: the image tower reads the mean of the grid (FashionBert.encode_image).
-    pooled = torch.from_numpy(patch_features.astype(np.float32).mean(1)).to(device)  # (n, D)
+    looks = torch.stack(
+        [torch.from_numpy(grids.astype(np.float32).mean(1)) for grids in (patch_features, *views)]
+    )
+    looks = looks.to(device)  # (1 + views, n, D)
+    pooled = looks[0]  # (n, D): the photos themselves
     texts = torch.from_numpy(np.ascontiguousarray(text_embeddings, dtype=np.float32)).to(device)
     codes = torch.from_numpy(np.asarray(text_codes)).to(device)
     scale = model.logit_scale.detach().exp().clamp(max=100)  # the temperature the towers trained at
@@ -70,9 +78,17 @@ def fit_image_tower(
         torch.manual_seed(config.seed + k)
         tower = model.new_image_towers().to(device)
         member_config = replace(config, seed=config.seed + k)
+        draws = torch.Generator().manual_seed(config.seed + k)
+
+        def embed(
+            batch: torch.Tensor, tower: nn.Module = tower, draws: torch.Generator = draws
+        ) -> torch.Tensor:
+            look = torch.randint(len(looks), (len(batch),), generator=draws).to(device)  # (B,)
+            return tower(looks[look, batch])
+
         losses.append(
             fit_tower(
-                lambda batch, tower=tower: tower(pooled[batch]),
+                embed,
                 tower.parameters(),
                 texts,
                 codes,

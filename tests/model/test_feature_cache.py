@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 from pathlib import Path
 
@@ -232,3 +233,34 @@ def test_raw_array_images_fall_back_to_the_catalogue(tmp_path: Path, extractor: 
     )
     assert len(kept) == 2 and features.shape == (2, 4, 320)
     assert not np.allclose(features[0], features[1])
+
+
+def test_a_view_is_cached_apart_and_holds_the_features_of_the_photo_so_seen(
+    tmp_path: Path, extractor: CountingExtractor
+) -> None:
+    photos = {f"v{i}": _png(c) for i, c in enumerate(_colours(3))}
+    mirrored = {}
+    for item_id, data in photos.items():
+        buffer = io.BytesIO()
+        Image.open(io.BytesIO(data)).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(buffer, format="PNG")
+        mirrored[f"m{item_id}"] = buffer.getvalue()
+    catalogue = _catalogue(tmp_path / "photos", photos)
+    plain = FeatureCache(tmp_path / "cache", extractor)
+    flipped = FeatureCache(tmp_path / "cache", extractor, view="flip")
+    assert flipped.folder.name == f"{plain.folder.name}-flip"
+    assert json.loads((flipped.folder / "extractor.json").read_text())["view"] == "flip"
+
+    _, seen_flipped = flipped.features_for(catalogue, progress=False)
+    _, of_mirrored = plain.features_for(_catalogue(tmp_path / "mirrored", mirrored), progress=False)
+    np.testing.assert_array_equal(seen_flipped, of_mirrored)
+    _, of_photos = plain.features_for(catalogue, progress=False)
+    assert not np.allclose(of_photos, seen_flipped, atol=1e-2), "the plain entries are the photos' own"
+
+    extractor.images = 0
+    _, again = FeatureCache(tmp_path / "cache", extractor, view="flip").features_for(
+        catalogue, progress=False
+    )
+    assert extractor.images == 0
+    np.testing.assert_array_equal(again, seen_flipped)
+    with pytest.raises(ValueError, match="unknown view"):
+        FeatureCache(tmp_path / "cache", extractor, view="blur")

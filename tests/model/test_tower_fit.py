@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -110,6 +111,35 @@ def test_the_fitted_tower_reads_colour(hm_slice) -> None:
     assert image_to_text_r1(model, texts, colour_only) > 0.5
 
 
+def test_views_are_fitted_on_beside_the_photos(hm_slice) -> None:
+    """A view is a second look at the same items: a tower fitted with one reads it, one fitted without does
+    not. The view here is the extreme look that keeps only the colour histograms."""
+    catalogue, features = hm_slice
+    colour_only = features.copy()
+    colour_only[..., : tiny_colour_model().config.cnn_feature_dim] = 0
+    texts = distinct_texts(len(catalogue), tiny_colour_model().config.embed_dim)
+    config = TowerFitConfig(steps=150, batch_size=32)
+    without, with_view = tiny_colour_model(), tiny_colour_model()
+    fit_image_tower(without, texts, features, text_codes(catalogue), config)
+    fit_image_tower(with_view, texts, features, text_codes(catalogue), config, views=[colour_only])
+    assert image_to_text_r1(with_view, texts, colour_only) > 0.5
+    assert image_to_text_r1(without, texts, colour_only) < 0.2
+    assert image_to_text_r1(with_view, texts, features) > 0.8  # and the photos themselves still
+
+
+def test_views_that_repeat_the_photos_change_nothing(hm_slice) -> None:
+    catalogue, features = hm_slice
+    texts = distinct_texts(len(catalogue), tiny_colour_model().config.embed_dim)
+    config = TowerFitConfig(steps=20, batch_size=32)
+    plain, repeated = tiny_colour_model(), tiny_colour_model()
+    fit_image_tower(plain, texts, features, text_codes(catalogue), config)
+    fit_image_tower(repeated, texts, features, text_codes(catalogue), config, views=[features, features])
+    for name, weights in plain.image_towers.state_dict().items():
+        torch.testing.assert_close(repeated.image_towers.state_dict()[name], weights, rtol=0, atol=0)
+    with pytest.raises(AssertionError, match="every item"):
+        fit_image_tower(plain, texts, features, text_codes(catalogue), config, views=[features[:-1]])
+
+
 def test_fit_image_tower_command(
     shared_data: Path, hm_slice, feature_cache_dir: Path, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -134,6 +164,24 @@ def test_fit_image_tower_command(
     load_checkpoint(out)  # a complete checkpoint
     with pytest.raises(SystemExit):  # argparse: "expected a positive whole number"
         main([*args, "--towers", "0"])
+
+
+def test_fit_image_tower_command_with_views(
+    shared_data: Path, feature_cache_dir: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(feature_cache_dir, cache)  # the photos' own features, already computed; not the views'
+    args = ["fit-image-tower", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "fitted")]
+    args += ["--data", f"hm:{shared_data / 'hm'}", "--limit", "64", "--cache", str(cache)]
+    args += ["--steps", "5", "--batch-size", "16", "--towers", "1"]
+    assert main([*args, "--views", "flip,crop"]) == 0
+    summary = json.loads((tmp_path / "fitted" / "summary.json").read_text())["image_tower_fit"]
+    assert summary["views"] == ["flip", "crop"]
+    for view in ("flip", "crop"):  # computed for the train items only
+        (folder,) = cache.glob(f"*-{view}")
+        assert len(list(folder.glob("*/*.npy"))) == summary["train_items"]
+    with pytest.raises(SystemExit):  # argparse: "unknown views ['blur']"
+        main([*args, "--views", "flip,blur"])
 
 
 def test_add_colour_needs_a_checkpoint_to_grow(shared_data: Path) -> None:
