@@ -1,8 +1,9 @@
 """Patch features on disk, keyed by image content: each image goes through the CNN once per extractor.
 
 Layout: `<root>/<extractor fingerprint[:16]>/<key[:2]>/<key>.npy`, key = sha256 of the image file's
-bytes, stored float16 (N, D); an augmented view's (`model.views`) in `<fingerprint[:16]>-<view>/`. A changed extractor config or weight file changes the fingerprint, so
-old entries are simply never looked at again; byte-identical images share one entry.
+bytes, stored float16 (N, D); an augmented view's features (`model.views`) in `<fingerprint[:16]>-<view>/`.
+A changed extractor config or weight file changes the fingerprint, so old entries are simply never looked
+at again; byte-identical images share one entry.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ def fit_image_tower(
     device = model.logit_scale.device
     # One pooled vector per image: the image tower reads the mean of the grid (FashionBert.encode_image).
     looks = torch.stack(
-        [torch.from_numpy(grids.astype(np.float32).mean(1)) for grids in (patch_features, *views)]
+        [torch.from_numpy(grids.mean(1, dtype=np.float32)) for grids in (patch_features, *views)]
     )
     looks = looks.to(device)  # (1 + views, n, D)
     pooled = looks[0]  # (n, D): the photos themselves
