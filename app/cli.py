@@ -744,7 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_views,
         default=(),
         help="also fit on these views of the train photos, comma-separated from "
-        "flip,crop,flipcrop (model/views.py: a feature pass each on a cold cache, about 3 minutes for H&M)",
+        "flip,crop,flipcrop (model/views.py: a feature pass each on a cold cache, 3-4 minutes for H&M)",
     )
     p.add_argument(
         "--towers",

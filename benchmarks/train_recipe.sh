@@ -2,8 +2,8 @@
 # The best recipe found so far, fitted into one 60-minute training budget: pre-train all four tasks,
 # fine-tune the alignment and recall towers listwise on mined near neighbours (unmasked pairs), refit the
 # image tower to the locked text tower as an ensemble of 8 (it learns the colour histograms) on the train
-# photos and three augmented views of them (VIEWS; their feature passes, about 10 minutes on a cold cache, are
-# inside the budget: pre-training got 10 minutes less for them), then evaluate the result on the
+# photos and three augmented views of them (VIEWS; their feature passes, 10-12 minutes on a cold cache, are timed
+# with the training: pre-training got 10 minutes less for them), then evaluate the result on the
 # validation part as benchmarks/train_eval.sh does. Each phase is what README "Results on H&M" measured
 # in longer runs one at a time; here they share the budget. Extra arguments go to the pre-training.
 #
