@@ -102,6 +102,15 @@ def cmd_features(args: argparse.Namespace) -> int:
     catalogue = load_catalogue(args.data, limit=args.limit)
     kept, features = FeatureCache(args.cache, extractor).features_for(catalogue, batch_size=args.batch_size)
     print(f"{len(kept)} items with features {tuple(features.shape)}; {len(catalogue) - len(kept)} skipped")
+    if args.views:  # what `fit-image-tower --views` reads: the train split's photos seen other ways
+        from model.data import split_with_features
+
+        (train, _), _ = split_with_features(kept, features, args.val_fraction, seed=args.split_seed)
+        for view in args.views:
+            seen, _ = FeatureCache(args.cache, extractor, view=view).features_for(
+                train, batch_size=args.batch_size
+            )
+            print(f"view {view}: {len(seen)} of the {len(train)} train items with features")
     return 0
 
 
@@ -248,6 +257,7 @@ def cmd_fit_image_tower(args: argparse.Namespace) -> int:
         learning_rate=args.lr,
         seed=args.seed,
         towers=args.towers,
+        text_negatives=args.text_negatives,
     )
     losses = fit_image_tower(inference.model, texts, train_features, text_codes(train), config, views=views)
     summary = {
@@ -638,6 +648,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_patch_network(p)
     _add_colour(p)
     p.add_argument("--batch-size", type=int, default=32)
+    _add_split(p)
+    p.add_argument(
+        "--views",
+        type=_views,
+        default=(),
+        help="also cache these views of the train split's photos, comma-separated from flip,crop,flipcrop "
+        "(what fit-image-tower --views reads; model/views.py)",
+    )
 
     p = add(
         "train", cmd_train, "pre-train FashionBERT (MLM + MPM + alignment + recall) with the adaptive loss"
@@ -751,6 +769,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=8,
         help="image towers to fit apart and average (an ensemble; default: %(default)s)",
+    )
+    p.add_argument(
+        "--text-negatives",
+        choices=("split", "batch"),
+        default="split",
+        help="rank each image against every train text (split, the default) or the batch's only",
     )
 
     p = add(

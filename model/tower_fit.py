@@ -37,6 +37,14 @@ class TowerFitConfig:
     seed: int = 0
     bf16: bool = True
     towers: int = 1  # an ensemble: each fitted apart from its own seed, their embeddings averaged
+    # "split": each image is ranked against every text of the split, whose locked embeddings are all at
+    # hand, so each step meets the split's hardest false texts; "batch": against the batch's only (the
+    # fits before stop 30). Texts are ranked against the batch's images either way.
+    text_negatives: str = "split"
+
+    def __post_init__(self) -> None:
+        if self.text_negatives not in ("split", "batch"):
+            raise ValueError(f"text_negatives must be 'split' or 'batch', not {self.text_negatives!r}")
 
 
 def fit_image_tower(
@@ -152,7 +160,10 @@ def fit_tower(
         batch = torch.randperm(len(texts), generator=generator)[: config.batch_size].to(texts.device)
         with torch.autocast(texts.device.type, dtype=torch.bfloat16, enabled=config.bf16):
             embedded = embed(batch)  # (B, E), normalised
-        loss = symmetric_info_nce(texts[batch], embedded.float(), codes[batch], scale)
+        if config.text_negatives == "split":
+            loss = info_nce_against_every_text(texts, embedded.float(), batch, codes, scale)
+        else:
+            loss = symmetric_info_nce(texts[batch], embedded.float(), codes[batch], scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -172,3 +183,24 @@ def symmetric_info_nce(
     same = (codes[:, None] == codes[None, :]).float()
     targets = same / same.sum(1, keepdim=True)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def info_nce_against_every_text(
+    texts: torch.Tensor,
+    images: torch.Tensor,
+    batch: torch.Tensor,
+    codes: torch.Tensor,
+    scale: float | torch.Tensor,
+) -> torch.Tensor:
+    """`symmetric_info_nce` with the image-to-text half widened to every text: the (B, E) normalised
+    `images` of the items at the (B,) indices `batch` are each ranked against all (n, E) `texts`; the
+    text-to-image half ranks `texts[batch]` against the batch's images as before, items with equal `codes`
+    sharing the probability. Identical texts have identical embeddings, so an image's copies of its own
+    text score exactly as that text does and the image side needs no codes: the same loss as sharing the
+    probability among them, without a (B, n) mask. On H&M's 8,908 train items this adds
+    about a point of image-to-text gallery R@1 to an 8-tower ensemble (README, "Image tower ensemble")."""
+    image_to_text = F.cross_entropy(scale * images @ texts.T, batch)  # (B, n) logits, each row's own text
+    in_batch = scale * texts[batch] @ images.T  # (B, B)
+    same = (codes[batch][:, None] == codes[batch][None, :]).float()
+    text_to_image = F.cross_entropy(in_batch, same / same.sum(1, keepdim=True))
+    return (image_to_text + text_to_image) / 2

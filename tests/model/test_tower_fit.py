@@ -6,10 +6,12 @@ import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from unittest.mock import patch
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from app.cli import main
 from model.checkpoint import load_checkpoint
@@ -18,7 +20,7 @@ from model.evaluation import text_codes
 from model.fashionbert import FashionBert
 from model.inference import FashionBertInference
 from model.patch_features import PatchFeatureConfig
-from model.tower_fit import TowerFitConfig, fit_image_tower
+from model.tower_fit import TowerFitConfig, fit_image_tower, info_nce_against_every_text, symmetric_info_nce
 
 
 def tiny_colour_model() -> FashionBert:
@@ -54,6 +56,51 @@ def test_fit_matches_images_to_their_texts_and_changes_nothing_else(hm_slice) ->
     for name, param in model.named_parameters():
         if not name.startswith("image_towers.") and name != "alignment_head.bias":
             torch.testing.assert_close(param, before[name], rtol=0, atol=0, msg=name)
+
+
+def test_against_every_text_is_the_symmetric_loss_when_the_batch_is_the_split() -> None:
+    generator = torch.Generator().manual_seed(0)
+    texts = F.normalize(torch.randn(6, 8, generator=generator), dim=-1)
+    images = F.normalize(torch.randn(6, 8, generator=generator), dim=-1)
+    codes = torch.tensor([0, 1, 2, 2, 3, 4])  # items 2 and 3 share their text, so its embedding
+    texts[3] = texts[2]
+    order = torch.tensor([4, 2, 0, 5, 1, 3])
+    torch.testing.assert_close(
+        info_nce_against_every_text(texts, images[order], order, codes, 7.0),
+        symmetric_info_nce(texts[order], images[order], codes[order], 7.0),
+    )
+
+
+def test_against_every_text_counts_the_false_texts_outside_the_batch() -> None:
+    """A text outside the batch that sits on an image of it raises the loss by exactly what the image's
+    softmax over the wider set of texts says."""
+    texts = torch.eye(4)[:3]  # items 0, 1 and a third text outside the batch
+    images, batch, scale = torch.eye(4)[:2], torch.tensor([0, 1]), 5.0
+    codes2 = torch.tensor([0, 1])
+    alone = info_nce_against_every_text(texts[:2], images, batch, codes2, scale)
+    torch.testing.assert_close(alone, symmetric_info_nce(texts[:2], images, codes2, scale))
+    texts[2] = images[0]  # a false text as close to image 0 as its own
+    wider = info_nce_against_every_text(texts, images, batch, torch.tensor([0, 1, 2]), scale)
+    log_p = torch.log_softmax(scale * images @ texts.T, dim=1)
+    # The text-to-image half is the batch's: symmetric_info_nce of the two items (both halves equal here).
+    expected = (-(log_p[0, 0] + log_p[1, 1]) / 2 + symmetric_info_nce(texts[:2], images, codes2, scale)) / 2
+    torch.testing.assert_close(wider, expected)
+    assert wider > alone
+
+
+def test_the_fit_ranks_images_against_every_text_unless_told_otherwise(hm_slice) -> None:
+    """Batches of 8 show each image 7 false texts; the whole split shows it 63, so it learns more a step."""
+    catalogue, features = hm_slice
+    texts = distinct_texts(len(catalogue), 32)
+    recall = {}
+    for negatives in ("split", "batch"):
+        model = tiny_colour_model()
+        config = TowerFitConfig(steps=40, batch_size=8, text_negatives=negatives)
+        fit_image_tower(model, texts, features, text_codes(catalogue), config)
+        recall[negatives] = image_to_text_r1(model, texts, features)
+    assert recall["split"] > 0.5 and recall["split"] > recall["batch"] + 0.05, recall  # measured: 0.58, 0.45
+    with pytest.raises(ValueError, match="text_negatives"):
+        TowerFitConfig(text_negatives="all")
 
 
 def test_an_ensemble_fits_each_tower_apart_and_serves_their_average(hm_slice) -> None:
@@ -159,6 +206,7 @@ def test_fit_image_tower_command(
     assert (
         summary["image_tower_fit"]["config"]["steps"] == 20 and summary["image_tower_fit"]["train_items"] > 0
     )
+    assert summary["image_tower_fit"]["config"]["text_negatives"] == "split"
     with pytest.raises(ValueError, match="already"):  # the tiny checkpoint reads colour already
         main([*args, "--add-colour", "--steps", "1"])
     load_checkpoint(out)  # a complete checkpoint
@@ -174,14 +222,35 @@ def test_fit_image_tower_command_with_views(
     args = ["fit-image-tower", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "fitted")]
     args += ["--data", f"hm:{shared_data / 'hm'}", "--limit", "64", "--cache", str(cache)]
     args += ["--steps", "5", "--batch-size", "16", "--towers", "1"]
-    assert main([*args, "--views", "flip,crop"]) == 0
+    assert main([*args, "--views", "flip,crop", "--text-negatives", "batch"]) == 0
     summary = json.loads((tmp_path / "fitted" / "summary.json").read_text())["image_tower_fit"]
-    assert summary["views"] == ["flip", "crop"]
+    assert summary["views"] == ["flip", "crop"] and summary["config"]["text_negatives"] == "batch"
     for view in ("flip", "crop"):  # computed for the train items only
         (folder,) = cache.glob(f"*-{view}")
         assert len(list(folder.glob("*/*.npy"))) == summary["train_items"]
     with pytest.raises(SystemExit):  # argparse: "unknown views ['blur']"
         main([*args, "--views", "flip,blur"])
+
+
+def test_features_command_caches_the_views_fit_image_tower_reads(
+    shared_data: Path, feature_cache_dir: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """`features --views` computes the views ahead (the recipe times them before it sizes pre-training);
+    `fit-image-tower --views` then finds every one in the cache and runs no patch network."""
+    cache = tmp_path / "cache"
+    shutil.copytree(feature_cache_dir, cache)
+    data = ["--data", f"hm:{shared_data / 'hm'}", "--limit", "64", "--cache", str(cache)]
+    assert main(["features", *data, "--views", "flip"]) == 0
+    (folder,) = cache.glob("*-flip")
+    written = {path: path.stat().st_mtime_ns for path in folder.glob("*/*.npy")}
+    args = ["fit-image-tower", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "fitted"), *data]
+    with patch(
+        "model.patch_features.PatchFeatureExtractor.extract_pixels", side_effect=AssertionError("recomputed")
+    ):
+        assert main([*args, "--steps", "2", "--batch-size", "16", "--towers", "1", "--views", "flip"]) == 0
+    summary = json.loads((tmp_path / "fitted" / "summary.json").read_text())["image_tower_fit"]
+    assert len(written) == summary["train_items"] > 0  # the train split's photos, not the validation's
+    assert {path: path.stat().st_mtime_ns for path in folder.glob("*/*.npy")} == written
 
 
 def test_add_colour_needs_a_checkpoint_to_grow(shared_data: Path) -> None:
