@@ -1,0 +1,89 @@
+"""Which false texts should the image-tower fit rank each image against: the batch's, or every train text?
+
+    python benchmarks/tower_negatives.py --model runs/hm-views/listwise/best --data hm:../shared/data/hm
+    python benchmarks/tower_negatives.py ... --seed 100 --views ''   # other seeds; the photos alone
+
+Fits the checkpoint's image towers twice with `fashionbert fit-image-tower`'s code (`fit_image_tower`: 8
+towers on the train photos and their views, against the locked text tower), once per
+`TowerFitConfig.text_negatives`, and measures each on the validation split with the 1,000 queries of
+`fashionbert eval`: full-gallery R@1 / R@10 with the embeddings, and the paper's sampled protocol (each
+query's partner among 100 negatives of its sub-category, the same draw as the eval's) ranked by the towers'
+cosine alone, the term that decides the served logit (README, "Why re-ranking adds nothing yet"). The
+cross-encoder is not run, so each setting takes the fit's minutes, not an evaluation's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import numpy as np
+from rerank_fusion import load_split
+
+from app.cli import DEFAULT_CACHE, _views
+from model.data import catalogue_features
+from model.evaluation import NegativeSampler, _embedding_search, draw_queries, text_codes
+from model.inference import FashionBertInference
+from model.metrics import rank_of_positive, recall_at_k
+from model.patch_features import PatchFeatureConfig
+from model.tower_fit import TowerFitConfig, fit_image_tower
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="checkpoint folder (its text tower is kept)")
+    parser.add_argument(
+        "--data", required=True, help="catalogue SPEC (train split fits, validation measures)"
+    )
+    parser.add_argument("--views", type=_views, default=("flip", "crop", "flipcrop"))
+    parser.add_argument("--towers", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="the first tower's; tower k's is seed + k")
+    parser.add_argument("--negatives", default="batch,split", help="text_negatives settings, in this order")
+    parser.add_argument("--queries", type=int, default=1000)
+    args = parser.parse_args()
+
+    inference = FashionBertInference.from_checkpoint(args.model, device="cpu")
+    patch_config = PatchFeatureConfig.from_dict(inference.config.patch_features)
+    (train, train_features), (val, val_features) = (
+        load_split(args.data, inference, part) for part in ("train", "validation")
+    )
+    views = [catalogue_features(train, DEFAULT_CACHE, patch_config, view=view)[1] for view in args.views]
+    train_texts = inference.encode_texts([item.text for item in train.items])
+    val_texts = inference.encode_texts([item.text for item in val.items])
+    codes = text_codes(val)
+
+    # fashionbert eval's draws: its gallery queries, and its sampled queries with their 100 negatives each.
+    gallery_queries = draw_queries(len(val), args.queries, np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    sampled_queries = draw_queries(len(val), args.queries, rng)
+    sampler = NegativeSampler(val)
+    negatives = np.stack([sampler.sample(int(q), rng, min(100, len(val) - 1)) for q in sampled_queries])
+    candidates = np.concatenate([sampled_queries[:, None], negatives], axis=1)  # (Q, 101), partner first
+    correct = codes[candidates] == codes[sampled_queries][:, None]
+
+    print(f"{len(train)} train items, {len(args.views)} views, {args.towers} towers from seed {args.seed}")
+    for negatives_setting in args.negatives.split(","):
+        model = copy.deepcopy(inference.model)
+        config = TowerFitConfig(towers=args.towers, seed=args.seed, text_negatives=negatives_setting)
+        started = time.perf_counter()
+        fit_image_tower(
+            model, train_texts, train_features, text_codes(train), config, log_every=0, views=views
+        )
+        seconds = time.perf_counter() - started
+        images = FashionBertInference(model, inference.tokenizer, device="cpu").encode_images(val_features)
+        cells = []
+        for direction, (asked, searched) in (("i2t", (images, val_texts)), ("t2i", (val_texts, images))):
+            ranks, *_ = _embedding_search(asked[gallery_queries], searched, codes[gallery_queries], codes, 10)
+            gallery = recall_at_k(ranks, (1, 10))
+            pool = val_texts if direction == "i2t" else images
+            cosine = np.einsum("qe,qke->qk", asked[sampled_queries], pool[candidates])
+            sampled = recall_at_k(rank_of_positive(cosine, correct), (1,))["R@1"]
+            cells.append(
+                f"{direction} gallery R@1 {gallery['R@1']:.1f} R@10 {gallery['R@10']:.1f}, sampled R@1 {sampled:.1f}"
+            )
+        print(f"{negatives_setting:>5} ({seconds:.0f} s fit): " + "; ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
