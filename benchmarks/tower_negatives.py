@@ -23,7 +23,7 @@ from rerank_fusion import load_split
 
 from app.cli import DEFAULT_CACHE, _views
 from model.data import catalogue_features
-from model.evaluation import NegativeSampler, _embedding_search, draw_queries, text_codes
+from model.evaluation import EvalConfig, _embedding_search, draw_queries, sampled_candidates, text_codes
 from model.inference import FashionBertInference
 from model.metrics import rank_of_positive, recall_at_k
 from model.patch_features import PatchFeatureConfig
@@ -51,14 +51,12 @@ def main() -> None:
     views = [catalogue_features(train, DEFAULT_CACHE, patch_config, view=view)[1] for view in args.views]
     train_texts = inference.encode_texts([item.text for item in train.items])
     val_texts = inference.encode_texts([item.text for item in val.items])
-    codes = text_codes(val)
+    codes, train_codes = text_codes(val), text_codes(train)
 
     # fashionbert eval's draws: its gallery queries, and its sampled queries with their 100 negatives each.
-    gallery_queries = draw_queries(len(val), args.queries, np.random.default_rng(0))
-    rng = np.random.default_rng(0)
-    sampled_queries = draw_queries(len(val), args.queries, rng)
-    sampler = NegativeSampler(val)
-    negatives = np.stack([sampler.sample(int(q), rng, min(100, len(val) - 1)) for q in sampled_queries])
+    eval_config = EvalConfig(num_queries=args.queries)
+    gallery_queries = draw_queries(len(val), args.queries, np.random.default_rng(eval_config.seed))
+    sampled_queries, negatives = sampled_candidates(val, eval_config)
     candidates = np.concatenate([sampled_queries[:, None], negatives], axis=1)  # (Q, 101), partner first
     correct = codes[candidates] == codes[sampled_queries][:, None]
 
@@ -67,17 +65,14 @@ def main() -> None:
         model = copy.deepcopy(inference.model)
         config = TowerFitConfig(towers=args.towers, seed=args.seed, text_negatives=negatives_setting)
         started = time.perf_counter()
-        fit_image_tower(
-            model, train_texts, train_features, text_codes(train), config, log_every=0, views=views
-        )
+        fit_image_tower(model, train_texts, train_features, train_codes, config, log_every=0, views=views)
         seconds = time.perf_counter() - started
         images = FashionBertInference(model, inference.tokenizer, device="cpu").encode_images(val_features)
         cells = []
         for direction, (asked, searched) in (("i2t", (images, val_texts)), ("t2i", (val_texts, images))):
             ranks, *_ = _embedding_search(asked[gallery_queries], searched, codes[gallery_queries], codes, 10)
             gallery = recall_at_k(ranks, (1, 10))
-            pool = val_texts if direction == "i2t" else images
-            cosine = np.einsum("qe,qke->qk", asked[sampled_queries], pool[candidates])
+            cosine = np.einsum("qe,qke->qk", asked[sampled_queries], searched[candidates])
             sampled = recall_at_k(rank_of_positive(cosine, correct), (1,))["R@1"]
             cells.append(
                 f"{direction} gallery R@1 {gallery['R@1']:.1f} R@10 {gallery['R@10']:.1f}, sampled R@1 {sampled:.1f}"

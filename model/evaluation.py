@@ -137,6 +137,18 @@ def negative_pool(catalogue: Catalogue, index: int, rng: np.random.Generator, n:
 # -- the two protocols ------------------------------------------------------------------------------------
 
 
+def sampled_candidates(catalogue: Catalogue, config: EvalConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The sampled protocol's draw, fixed by `config.seed`: (Q,) query items and each one's (Q, K)
+    negatives from its subcategory (fallback: category, then anything)."""
+    n = len(catalogue)
+    assert n >= 2, "the sampled protocol needs at least two items"
+    rng = np.random.default_rng(config.seed)
+    queries = draw_queries(n, config.num_queries, rng)
+    sampler = NegativeSampler(catalogue)
+    num_negatives = min(config.num_negatives, n - 1)
+    return queries, np.stack([sampler.sample(int(q), rng, num_negatives) for q in queries])
+
+
 def evaluate_sampled(
     inference: Scorer,
     catalogue: Catalogue,
@@ -153,12 +165,8 @@ def evaluate_sampled(
     start = time.perf_counter()
     n = len(catalogue)
     assert len(patch_features) == n, f"{len(patch_features)} patch feature rows for {n} items"
-    assert n >= 2, "the sampled protocol needs at least two items"
-    rng = np.random.default_rng(config.seed)
-    queries = draw_queries(n, config.num_queries, rng)
-    num_negatives = min(config.num_negatives, n - 1)
-    sampler = NegativeSampler(catalogue)
-    negatives = np.stack([sampler.sample(int(q), rng, num_negatives) for q in queries])  # (Q, K)
+    queries, negatives = sampled_candidates(catalogue, config)
+    num_negatives = negatives.shape[1]
     candidates = np.concatenate([queries[:, None], negatives], axis=1)  # (Q, 1 + K), partner first
 
     used = np.unique(candidates)
