@@ -47,17 +47,20 @@ esac
 
 fashionbert features --data "$DATA" --image-size "$IMAGE_SIZE" --backbone "$BACKBONE"
 start=$(date +%s)
+minutes_left() {  # what the budget leaves now, once the clock so far and $1 more minutes are paid
+    python -c "print(round($BUDGET_MINUTES - ($1) - ($(date +%s) - $start) / 60, 1))"
+}
 if [[ -n "$VIEWS" ]]; then  # timed: the view passes are work this recipe adds (none on a warm cache)
     fashionbert features --data "$DATA" --image-size "$IMAGE_SIZE" --backbone "$BACKBONE" --views "$VIEWS"
 fi
 if [[ -z "$PRETRAIN_MINUTES" ]]; then  # what the budget leaves once the views, the fine-tune and the fit are paid
-    PRETRAIN_MINUTES=$(python -c "print(round($BUDGET_MINUTES - $LISTWISE_MINUTES - $RESERVE_MINUTES - ($(date +%s) - $start) / 60, 1))")
+    PRETRAIN_MINUTES=$(minutes_left "$LISTWISE_MINUTES + $RESERVE_MINUTES")
 fi
 echo "pre-training for $PRETRAIN_MINUTES minutes"
 fashionbert train --data "$DATA" --out "$OUT/pretrain" --budget-minutes "$PRETRAIN_MINUTES" "${weights[@]}" \
     --image-size "$IMAGE_SIZE" --backbone "$BACKBONE" "$@"
 # The listwise phase absorbs what pre-training overran (its last validation and saving), so the budget holds.
-LISTWISE_MINUTES=$(python -c "print(round(min($LISTWISE_MINUTES, $BUDGET_MINUTES - $RESERVE_MINUTES - ($(date +%s) - $start) / 60), 1))")
+LISTWISE_MINUTES=$(python -c "print(min($LISTWISE_MINUTES, $(minutes_left "$RESERVE_MINUTES")))")
 echo "listwise fine-tune for $LISTWISE_MINUTES minutes"
 fashionbert train --data "$DATA" --out "$OUT/listwise" --budget-minutes "$LISTWISE_MINUTES" "${weights[@]}" \
     --init "$OUT/pretrain/best" --fusion-layer "$FUSION_LAYER" --tasks alignment,contrastive --listwise --mine-top-k 30 --negatives-per-item 4 \
