@@ -8,12 +8,13 @@
 
 The text tower's embeddings of the train split are computed once and held fixed; a fresh image tower is
 fitted to them with the symmetric InfoNCE loss (items with identical text count as positives of each
-other; since stop 30 `fit_tower` ranks each image against every train text, so figures measured before
-come back about a point higher image-to-text: README, "Every train text as a false text"), then the
-validation gallery is searched with it (R@1 / R@10 of `fashionbert eval`'s 1,000 queries). Two towers: the model's own design (mean of the patch grid, then an MLP), and attention pooling
-over the 64 patches (a learned query over the projected patches plus their position, added to the mean
-path), which can weigh the garment over the background. Fitting costs seconds, not a training run, since
-the text tower does not move. Equal figures say the frozen patch network's features, not the pooling,
+other; since stop 30 `fit_tower` ranks each image against every train text, so image-to-text figures
+come out about a point higher than those measured before: README, "Every train text as a false text"),
+then the validation gallery is searched with it (R@1 / R@10 of `fashionbert eval`'s 1,000 queries). Two
+towers: the model's own design (mean of the patch grid, then an MLP), and attention pooling over the 64
+patches (a learned query over the projected patches plus their position, added to the mean path), which
+can weigh the garment over the background. Fitting costs seconds, not a training run, since the text
+tower does not move. Equal figures say the frozen patch network's features, not the pooling,
 bound recall. `--colour` adds a third tower: the mean path plus the model's colour path (model/colour.py)
 on the image's colour histogram, read from the colour extractor's cache (`fashionbert features --data
 SPEC` fills it); the other towers see the same CNN features as before. `--ensemble` also prints, after
