@@ -22,12 +22,39 @@ import numpy as np
 from rerank_fusion import load_split
 
 from app.cli import DEFAULT_CACHE, _views
+from model.catalogue import Catalogue
 from model.data import catalogue_features
 from model.evaluation import EvalConfig, _embedding_search, draw_queries, sampled_candidates, text_codes
 from model.inference import FashionBertInference
 from model.metrics import rank_of_positive, recall_at_k
 from model.patch_features import PatchFeatureConfig
 from model.tower_fit import TowerFitConfig, fit_image_tower
+
+
+class TowerMeasure:
+    """`fashionbert eval`'s draws on a split: its gallery queries, and its sampled queries with their 100
+    negatives each; called with the split's image and text embeddings, the towers' figures as one line."""
+
+    def __init__(self, split: Catalogue, queries: int) -> None:
+        config = EvalConfig(num_queries=queries)
+        self.codes = text_codes(split)
+        self.gallery_queries = draw_queries(len(split), queries, np.random.default_rng(config.seed))
+        self.sampled_queries, negatives = sampled_candidates(split, config)
+        self.candidates = np.concatenate([self.sampled_queries[:, None], negatives], axis=1)  # partner first
+        self.correct = self.codes[self.candidates] == self.codes[self.sampled_queries][:, None]
+
+    def __call__(self, images: np.ndarray, texts: np.ndarray) -> str:
+        codes, cells = self.codes, []
+        for direction, (asked, searched) in (("i2t", (images, texts)), ("t2i", (texts, images))):
+            queries = self.gallery_queries
+            ranks, *_ = _embedding_search(asked[queries], searched, codes[queries], codes, 10)
+            gallery = recall_at_k(ranks, (1, 10))
+            cosine = np.einsum("qe,qke->qk", asked[self.sampled_queries], searched[self.candidates])
+            sampled = recall_at_k(rank_of_positive(cosine, self.correct), (1,))["R@1"]
+            cells.append(
+                f"{direction} gallery R@1 {gallery['R@1']:.1f} R@10 {gallery['R@10']:.1f}, sampled R@1 {sampled:.1f}"
+            )
+        return "; ".join(cells)
 
 
 def main() -> None:
@@ -51,14 +78,7 @@ def main() -> None:
     views = [catalogue_features(train, DEFAULT_CACHE, patch_config, view=view)[1] for view in args.views]
     train_texts = inference.encode_texts([item.text for item in train.items])
     val_texts = inference.encode_texts([item.text for item in val.items])
-    codes, train_codes = text_codes(val), text_codes(train)
-
-    # fashionbert eval's draws: its gallery queries, and its sampled queries with their 100 negatives each.
-    eval_config = EvalConfig(num_queries=args.queries)
-    gallery_queries = draw_queries(len(val), args.queries, np.random.default_rng(eval_config.seed))
-    sampled_queries, negatives = sampled_candidates(val, eval_config)
-    candidates = np.concatenate([sampled_queries[:, None], negatives], axis=1)  # (Q, 101), partner first
-    correct = codes[candidates] == codes[sampled_queries][:, None]
+    train_codes, measure = text_codes(train), TowerMeasure(val, args.queries)
 
     print(f"{len(train)} train items, {len(args.views)} views, {args.towers} towers from seed {args.seed}")
     for negatives_setting in args.negatives.split(","):
@@ -68,16 +88,7 @@ def main() -> None:
         fit_image_tower(model, train_texts, train_features, train_codes, config, log_every=0, views=views)
         seconds = time.perf_counter() - started
         images = FashionBertInference(model, inference.tokenizer, device="cpu").encode_images(val_features)
-        cells = []
-        for direction, (asked, searched) in (("i2t", (images, val_texts)), ("t2i", (val_texts, images))):
-            ranks, *_ = _embedding_search(asked[gallery_queries], searched, codes[gallery_queries], codes, 10)
-            gallery = recall_at_k(ranks, (1, 10))
-            cosine = np.einsum("qe,qke->qk", asked[sampled_queries], searched[candidates])
-            sampled = recall_at_k(rank_of_positive(cosine, correct), (1,))["R@1"]
-            cells.append(
-                f"{direction} gallery R@1 {gallery['R@1']:.1f} R@10 {gallery['R@10']:.1f}, sampled R@1 {sampled:.1f}"
-            )
-        print(f"{negatives_setting:>5} ({seconds:.0f} s fit): " + "; ".join(cells), flush=True)
+        print(f"{negatives_setting:>5} ({seconds:.0f} s fit): {measure(images, val_texts)}", flush=True)
 
 
 if __name__ == "__main__":
