@@ -1,0 +1,84 @@
+"""How many word pieces of a description should the text tower read? Re-read them at other cuts, then refit.
+
+    python benchmarks/text_length.py --model runs/hm-s31/best --data hm:../shared/data/hm --lengths 48,64,96
+
+`max_text_len` (FashionBertConfig, `fashionbert train --max-text-len`) cuts every text the model reads, the
+text tower's and the joint pass's alike. H&M's descriptions run to a median of 45 word pieces and a 90th
+percentile of 69, so the default of 48 cuts 41% of them, and what it cuts is the end of `detail_desc`: the
+cut, sleeves and fastenings that tell apart two garments of one colour and type (most of the gallery's
+top-1 mistakes, README "Text length"). For each cut this encodes the train and validation texts with the
+checkpoint's trained text tower, measures the towers as they are (their image tower was fitted to texts
+cut at the checkpoint's own length), then refits the image towers to the re-read train texts as
+`fashionbert fit-image-tower` does (8 towers on the photos and their views) and measures again: R@1 /
+R@10 over the validation gallery and the sampled protocol's R@1 by the towers' cosine, on `fashionbert
+eval`'s 1,000 queries (`tower_negatives.TowerMeasure`). The encoder is not retrained: a cut that wins here
+is worth a training run at it (`benchmarks/train_recipe.sh --max-text-len N`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+from rerank_fusion import load_split
+from tower_negatives import TowerMeasure
+
+from app.cli import DEFAULT_CACHE, _views
+from model.data import catalogue_features
+from model.evaluation import text_codes
+from model.inference import FashionBertInference
+from model.patch_features import PatchFeatureConfig
+from model.tower_fit import TowerFitConfig, fit_image_tower
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="checkpoint folder (its text tower reads the texts)")
+    parser.add_argument(
+        "--data", required=True, help="catalogue SPEC (train split fits, validation measures)"
+    )
+    parser.add_argument(
+        "--lengths", default="48,64,96", help="word pieces per text, [CLS] and [SEP] included"
+    )
+    parser.add_argument("--views", type=_views, default=("flip", "crop", "flipcrop"))
+    parser.add_argument("--towers", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="the first tower's; tower k's is seed + k")
+    parser.add_argument("--queries", type=int, default=1000)
+    args = parser.parse_args()
+
+    inference = FashionBertInference.from_checkpoint(args.model, device="cpu")
+    patch_config = PatchFeatureConfig.from_dict(inference.config.patch_features)
+    (train, train_features), (val, val_features) = (
+        load_split(args.data, inference, part) for part in ("train", "validation")
+    )
+    views = [catalogue_features(train, DEFAULT_CACHE, patch_config, view=view)[1] for view in args.views]
+    train_codes, measure = text_codes(train), TowerMeasure(val, args.queries)
+    trained_images = inference.encode_images(val_features)
+
+    print(
+        f"trained at {inference.config.max_text_len} word pieces; {args.towers} towers from seed {args.seed}"
+    )
+    for length in map(int, args.lengths.split(",")):
+        inference.config.max_text_len = length  # encode_texts cuts every text here
+        started = time.perf_counter()
+        train_texts = inference.encode_texts([item.text for item in train.items])
+        val_texts = inference.encode_texts([item.text for item in val.items])
+        print(
+            f"{length:>4} as trained ({time.perf_counter() - started:.0f} s to encode the texts): "
+            f"{measure(trained_images, val_texts)}",
+            flush=True,
+        )
+        model = copy.deepcopy(inference.model)
+        started = time.perf_counter()
+        config = TowerFitConfig(towers=args.towers, seed=args.seed)
+        fit_image_tower(model, train_texts, train_features, train_codes, config, log_every=0, views=views)
+        images = FashionBertInference(model, inference.tokenizer, device="cpu").encode_images(val_features)
+        print(
+            f"{length:>4} refitted ({time.perf_counter() - started:.0f} s): {measure(images, val_texts)}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
