@@ -127,10 +127,14 @@ class _StateStreams:
     """The new rows' side states below the model's fusion layer, streamed to raw files and wrapped as .npy
     at the end like the patch codes (a catalogue's states need not fit in memory). For models with a
     fusion layer only: without one, re-ranking reads token ids and patch codes alone. With `codecs` (one
-    per states file) the files hold their uint8 codes, else float16 states."""
+    per states file) the files hold their uint8 codes, else float16 states. Text states are `ragged`
+    (each item's word pieces only, one item after another) or padded to max_text_len positions."""
 
-    def __init__(self, staging: Path, encoder: Encoder, codecs: Mapping[str, faiss.Index] | None) -> None:
+    def __init__(
+        self, staging: Path, encoder: Encoder, codecs: Mapping[str, faiss.Index] | None, text_layout: str
+    ) -> None:
         self.staging = staging
+        self.text_layout = text_layout
         self.max_len = encoder.config.max_text_len
         self.patches = encoder.config.encoder_patches
         self.fusion_layer = encoder.config.fusion_layer
@@ -157,25 +161,36 @@ class _StateStreams:
         text, mask = np.pad(text, (*pad, (0, 0))), np.pad(mask, pad)
         image = encoder.image_states(pooled_patches)  # (n, N, H)
         self.hidden = text.shape[-1]
+        words = text[mask]  # (word pieces, H), item after item: the ragged layout as it is stored
         if not self.codecs:
-            stored = (text.astype(np.float16), image.astype(np.float16))
-        else:  # padding rows stay zero codes: only the word pieces are worth encoding
-            codes = np.zeros((*mask.shape, self.codecs[STATE_FILES[0]].sa_code_size()), np.uint8)
-            codes[mask] = encode(self.codecs[STATE_FILES[0]], text[mask])
+            stored_text = words if self.text_layout == "ragged" else text
+            stored = (stored_text.astype(np.float16), image.astype(np.float16))
+        else:  # only the word pieces are worth encoding; a padded layout's padding stays zero codes
+            word_codes = encode(self.codecs[STATE_FILES[0]], words)
+            codes = word_codes
+            if self.text_layout == "padded":
+                codes = np.zeros((*mask.shape, word_codes.shape[-1]), np.uint8)
+                codes[mask] = word_codes
             stored = (codes, encode(self.codecs[STATE_FILES[1]], image))
         for name, array in zip(STATE_FILES, stored, strict=True):
             self.files[name].write(np.ascontiguousarray(array).tobytes())
 
     def finish(self, rows: int) -> dict[str, Any]:
-        """Wrap the raw files as .npy of `rows` rows; the manifest's `states` section (less `codecs`)."""
+        """Wrap the raw files as .npy of `rows` rows (ragged text states: of all their word pieces); the
+        manifest's `states` section (less `codecs`)."""
         self.close()
         for name, length in zip(STATE_FILES, (self.max_len, self.patches), strict=True):
             if self.codecs:
-                dtype, shape = np.dtype(np.uint8), (rows, length, self.codecs[name].sa_code_size())
+                dtype, width = np.dtype(np.uint8), self.codecs[name].sa_code_size()
             else:
-                dtype, shape = np.dtype(np.float16), (rows, length, self.hidden)
-            _write_npy_from_raw(self.staging / (name + ".part"), self.staging / name, dtype, shape)
+                dtype, width = np.dtype(np.float16), self.hidden
+            raw = self.staging / (name + ".part")
+            shape: tuple[int, ...] = (rows, length, width)
+            if name == STATE_FILES[0] and self.text_layout == "ragged":
+                shape = (raw.stat().st_size // (width * dtype.itemsize), width)
+            _write_npy_from_raw(raw, self.staging / name, dtype, shape)
         return {
+            "text_layout": self.text_layout,
             "fusion_layer": self.fusion_layer,
             "hidden": self.hidden,
             "dtype": "uint8" if self.codecs else "float16",
@@ -541,7 +556,7 @@ def build_bundle(
                 state_codecs, codecs_section = _train_state_codecs(encoder, sample, config)
                 for name, entry in codecs_section.items():
                     faiss.write_index(state_codecs[name], str(staging / entry["file"]))
-            states = _StateStreams(staging, encoder, state_codecs)
+            states = _StateStreams(staging, encoder, state_codecs, config.text_states_layout)
             report.stages["train_states_codecs"] = time.perf_counter() - t  # drawing the sample too
         else:
             patch_vectors = sample.pooled.reshape(-1, sample.pooled.shape[-1])
@@ -706,7 +721,8 @@ def add_to_bundle(
             raw_codes = staging / (PATCH_CODES + ".part")
             states = None
             if "states" in manifest:
-                states = _StateStreams(staging, encoder, _read_state_codecs(path, manifest))
+                layout = manifest["states"].get("text_layout", "padded")  # bundles before stop 34: padded
+                states = _StateStreams(staging, encoder, _read_state_codecs(path, manifest), layout)
                 for entry in manifest["states"].get("codecs", {}).values():
                     link_or_copy(path / entry["file"], staging / entry["file"])
             try:

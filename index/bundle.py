@@ -9,10 +9,11 @@
                          fusion layer only (a fused model's re-ranking reads the states below)
     token_ids.npy        (rows, T) uint16/int32 word-piece ids, right-padded; token_lengths.npy (rows,)
     items.sqlite         metadata, row = faiss id, with the `removed` flag
-    text_states.npy      models with a fusion layer only (`FashionBertConfig.fusion_layer`): (rows, T, code)
-                         uint8 codes of each item's text states below the fusion layer, right-padded, and
+    text_states.npy      models with a fusion layer only (`FashionBertConfig.fusion_layer`): (word pieces,
+                         code) uint8 codes of each item's text states below the fusion layer, item after
+                         item (`text_layout` "ragged"; "padded" bundles hold (rows, T, code)), and
     image_states.npy     (rows, N, code) of its patch states: re-ranking starts from them, memory-mapped;
-                         bundles built with `states_codec` "" hold (rows, T | N, H) float16 states instead
+                         bundles built with `states_codec` "" hold float16 states (width H) instead
     text_states_codec.faiss, image_states_codec.faiss   the two files' codecs (faiss sa_decode)
     image_offsets.npy    (rows,) float32 querybank offsets of the image index's rows, text_offsets.npy the
                          same for the text index: recall ranks by inner product minus the offset
@@ -212,9 +213,14 @@ class Bundle:
         self.stores_states = "states" in manifest
         self._states: dict[str, np.ndarray] = {}
         self._state_codecs: dict[str, faiss.Index] = {}
+        self._text_starts: np.ndarray | None = None  # ragged text states: where each row's word pieces start
         if self.stores_states:
             hidden = int(manifest["states"]["hidden"])
             codecs = manifest["states"].get("codecs", {})
+            ragged = manifest["states"].get("text_layout", "padded") == "ragged"  # padded before stop 34
+            lengths = self._token_lengths.astype(np.int64)
+            if ragged:
+                self._text_starts = np.cumsum(lengths) - lengths
             for name, length in ((TEXT_STATES, max_len), (IMAGE_STATES, self.patches_per_item)):
                 width = hidden
                 if codecs:  # uint8 codes, decoded for the rows asked for
@@ -223,7 +229,10 @@ class Bundle:
                     if codec.sa_code_size() != int(entry["code_size"]):
                         raise BundleError(f"{path / entry['file']}: not the codec the manifest describes")
                     self._state_codecs[name], width = codec, codec.sa_code_size()
-                self._states[name] = _load_array(path / name, (self.rows, length, width), mmap=True)
+                shape = (self.rows, length, width)
+                if name == TEXT_STATES and ragged:
+                    shape = (int(lengths.sum()), width)
+                self._states[name] = _load_array(path / name, shape, mmap=True)
 
     @classmethod
     def open(
@@ -316,7 +325,15 @@ class Bundle:
         lengths = self._token_lengths[rows].astype(np.int64)
         longest = int(lengths.max(initial=0))
         mask = np.arange(longest) < lengths[:, None]
-        return self._read_states(TEXT_STATES, rows, longest), mask
+        if self._text_starts is None:
+            return self._read_states(TEXT_STATES, rows, longest), mask
+        # Ragged: gather the rows' word pieces (row after row, as the mask orders them), then pad.
+        before = np.cumsum(lengths) - lengths  # where each row's pieces start among those gathered
+        pieces = np.arange(int(lengths.sum())) + np.repeat(self._text_starts[rows] - before, lengths)
+        words = self._read_states(TEXT_STATES, pieces)
+        text = np.zeros((len(rows), longest, words.shape[-1]), words.dtype)
+        text[mask] = words
+        return text, mask
 
     def image_states(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
         """The items' patch states below the fusion layer: (n, N, H) float16."""

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 REFINE_CHOICES = ("", "SQ8", "SQfp16", "Flat")
+TEXT_STATES_LAYOUTS = ("ragged", "padded")
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,14 @@ class IndexConfig:
     codec_train_items: int = 2048
     # Models with a fusion layer: faiss factory string of the codecs of each item's stored side states
     # (one for text states, one for patch states, trained on the same items as the patch codec).
-    # PQ64 on MiniLM's 384-d states is 64 bytes a state, 4 KB an item (48 + 16) against 48 KB of
-    # float16; "" stores float16.
+    # PQ64 on MiniLM's 384-d states is 64 bytes a state, about 4 KB an item (a 45-piece text + 16
+    # patches) against 48 KB of float16; "" stores float16.
     states_codec: str = "PQ64"
+    # How a fused model's text states are laid out: "ragged" stores each item's word pieces only, one
+    # after another (offsets from the token lengths), "padded" every item at max_text_len positions, as
+    # bundles before stop 34 did. H&M's texts fill 45 of 64 positions on average: 2.9 KB an item
+    # against 4.1 KB (README "Text length"). Adding to a bundle keeps the layout it was built with.
+    text_states_layout: str = "ragged"
     chunk_items: int = 1024  # items encoded per pass: bounds memory to one chunk of float16 patches
     batch_size: int = 128  # model batch for the image and text towers
     # Querybank normalisation (`model.querybank`, when a build is given a bank catalogue): items drawn
@@ -53,6 +59,10 @@ class IndexConfig:
     def __post_init__(self) -> None:
         if self.refine not in REFINE_CHOICES:
             raise ValueError(f"refine must be one of {REFINE_CHOICES}, got {self.refine!r}")
+        if self.text_states_layout not in TEXT_STATES_LAYOUTS:
+            raise ValueError(
+                f"text_states_layout must be one of {TEXT_STATES_LAYOUTS}, got {self.text_states_layout!r}"
+            )
         for name in (
             "nprobe",
             "refine_k_factor",

@@ -1,16 +1,18 @@
-"""Bundles of a model with a fusion layer store every item's side states below it (as codes, or float16),
-built and added alike, and re-ranking from them scores what the model scores."""
+"""Bundles of a model with a fusion layer store every item's side states below it (as codes, or float16;
+text states ragged, or padded as before stop 34), built and added alike, and re-ranking from them scores
+what the model scores."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from index.build import add_to_bundle, build_bundle
-from index.bundle import PATCH_FILES, STATE_CODEC_FILES, STATE_FILES, Bundle
+from index.bundle import MANIFEST, PATCH_FILES, STATE_CODEC_FILES, STATE_FILES, Bundle
 from model.pair_states import PairStates
 from tests.index.conftest import TEST_CONFIG
 
@@ -22,11 +24,11 @@ def fused_inference(fused_checkpoint: Path):
     return FashionBertInference.from_checkpoint(fused_checkpoint, device="cpu")
 
 
-def _build_and_add(inference, hm_slice, slice_features, tmp_path: Path, states_codec: str):
+def _build_and_add(inference, hm_slice, slice_features, tmp_path: Path, states_codec: str, layout: str):
     """A fused bundle of 20 slice items plus 8 added: (its folder, the slice's patch features)."""
     catalogue, features = hm_slice
     out = tmp_path / "fused"
-    config = dataclasses.replace(TEST_CONFIG, states_codec=states_codec)
+    config = dataclasses.replace(TEST_CONFIG, states_codec=states_codec, text_states_layout=layout)
     build_bundle(
         inference, catalogue.subset(catalogue.items[:20]), slice_features, out, config, progress=False
     )
@@ -34,10 +36,11 @@ def _build_and_add(inference, hm_slice, slice_features, tmp_path: Path, states_c
     return out, features
 
 
+@pytest.mark.parametrize("layout", ["ragged", "padded"])
 def test_float16_states_are_stored_for_built_and_added_items(
-    hm_slice, fused_inference, slice_features, tmp_path: Path
+    hm_slice, fused_inference, slice_features, tmp_path: Path, layout: str
 ) -> None:
-    out, features = _build_and_add(fused_inference, hm_slice, slice_features, tmp_path, states_codec="")
+    out, features = _build_and_add(fused_inference, hm_slice, slice_features, tmp_path, "", layout)
 
     with Bundle.open(out) as bundle:
         assert bundle.stores_states and bundle.rows == 28
@@ -70,11 +73,19 @@ def test_float16_states_are_stored_for_built_and_added_items(
         text, mask = bundle.text_states(some)
         assert text.shape[:2] == mask.shape == (2, max(len(bundle.token_ids(some)[i]) for i in range(2)))
 
+    if layout == "padded":  # bundles from before stop 34 name no layout: they read as padded
+        manifest = json.loads((out / MANIFEST).read_text())
+        del manifest["states"]["text_layout"]
+        (out / MANIFEST).write_text(json.dumps(manifest))
+        with Bundle.open(out) as bundle:
+            np.testing.assert_array_equal(bundle.text_states(some)[0], text)
 
+
+@pytest.mark.parametrize("layout", ["ragged", "padded"])
 def test_coded_states_are_stored_for_built_and_added_items(
-    hm_slice, fused_inference, slice_features, tmp_path: Path
+    hm_slice, fused_inference, slice_features, tmp_path: Path, layout: str
 ) -> None:
-    out, features = _build_and_add(fused_inference, hm_slice, slice_features, tmp_path, states_codec="PQ64")
+    out, features = _build_and_add(fused_inference, hm_slice, slice_features, tmp_path, "PQ64", layout)
     hidden = fused_inference.model.bert.config.hidden_size
 
     with Bundle.open(out) as bundle:
@@ -82,11 +93,17 @@ def test_coded_states_are_stored_for_built_and_added_items(
         assert section["dtype"] == "uint8" and set(STATE_CODEC_FILES) <= set(bundle.manifest["files"])
         assert not set(PATCH_FILES) & set(bundle.manifest["files"])
         assert not any((out / name).exists() for name in PATCH_FILES)
-        # 64 bytes a state, against 2 * hidden in float16: the whole point.
-        for name, length in zip(STATE_FILES, (bundle.manifest["tokens"]["max_len"], 16), strict=True):
+        # 64 bytes a state, against 2 * hidden in float16: the whole point. Ragged text states hold the
+        # items' word pieces alone, so fewer states than 28 texts padded to max_len.
+        pieces = int(np.load(out / "token_lengths.npy").sum())
+        max_len = bundle.manifest["tokens"]["max_len"]
+        assert section["text_layout"] == layout
+        text_shape = (pieces, 64) if layout == "ragged" else (28, max_len, 64)
+        assert layout == "padded" or pieces < 28 * max_len
+        for name, shape in zip(STATE_FILES, (text_shape, (28, 16, 64)), strict=True):
             assert section["codecs"][name]["factory"] == "PQ64"
             stored = np.load(out / name, mmap_mode="r")
-            assert stored.dtype == np.uint8 and stored.shape == (28, length, 64)
+            assert stored.dtype == np.uint8 and stored.shape == shape
         rows = np.arange(28)
         token_ids = bundle.token_ids(rows)
         text, mask = bundle.text_states(rows)
