@@ -11,6 +11,8 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from model.config import FashionBertConfig
+
 DEFAULT_CACHE = "cache"
 
 
@@ -36,7 +38,10 @@ def _add_model_shape(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--tiny", action="store_true", help="a tiny random BERT (tests, smoke runs)")
     p.add_argument(
-        "--max-text-len", type=int, default=48, help="word pieces per text, [CLS] and [SEP] included"
+        "--max-text-len",
+        type=int,
+        default=FashionBertConfig.max_text_len,
+        help="word pieces per text, [CLS] and [SEP] included (default: %(default)s)",
     )
     p.add_argument(
         "--patch-pool", type=int, default=2, help="average k x k neighbouring patches before the encoder"
@@ -128,7 +133,7 @@ def _patch_config(args: argparse.Namespace, mode: str):
 
 
 def _model_and_patch_config(args: argparse.Namespace):
-    from model.config import TINY_BERT, FashionBertConfig
+    from model.config import TINY_BERT
 
     patch_config = _patch_config(args, mode=args.patch_mode)
     config = FashionBertConfig(
