@@ -21,40 +21,25 @@ import argparse
 import copy
 import time
 
-from rerank_fusion import load_split
-from tower_negatives import TowerMeasure
+from tower_negatives import FitSplits, add_fit_arguments
 
-from app.cli import DEFAULT_CACHE, _views
-from model.data import catalogue_features
 from model.evaluation import text_codes
 from model.inference import FashionBertInference
-from model.patch_features import PatchFeatureConfig
 from model.tower_fit import TowerFitConfig, fit_image_tower
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="checkpoint folder (its text tower reads the texts)")
-    parser.add_argument(
-        "--data", required=True, help="catalogue SPEC (train split fits, validation measures)"
-    )
+    add_fit_arguments(parser)
     parser.add_argument(
         "--lengths", default="48,64,96", help="word pieces per text, [CLS] and [SEP] included"
     )
-    parser.add_argument("--views", type=_views, default=("flip", "crop", "flipcrop"))
-    parser.add_argument("--towers", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0, help="the first tower's; tower k's is seed + k")
-    parser.add_argument("--queries", type=int, default=1000)
     args = parser.parse_args()
 
-    inference = FashionBertInference.from_checkpoint(args.model, device="cpu")
-    patch_config = PatchFeatureConfig.from_dict(inference.config.patch_features)
-    (train, train_features), (val, val_features) = (
-        load_split(args.data, inference, part) for part in ("train", "validation")
-    )
-    views = [catalogue_features(train, DEFAULT_CACHE, patch_config, view=view)[1] for view in args.views]
-    train_codes, measure = text_codes(train), TowerMeasure(val, args.queries)
-    trained_images = inference.encode_images(val_features)
+    splits = FitSplits.load(args)
+    inference, train, val = splits.inference, splits.train, splits.val
+    train_codes, measure = text_codes(train), splits.measure
+    trained_images = inference.encode_images(splits.val_features)
 
     print(
         f"trained at {inference.config.max_text_len} word pieces; {args.towers} towers from seed {args.seed}"
@@ -72,8 +57,12 @@ def main() -> None:
         model = copy.deepcopy(inference.model)
         started = time.perf_counter()
         config = TowerFitConfig(towers=args.towers, seed=args.seed)
-        fit_image_tower(model, train_texts, train_features, train_codes, config, log_every=0, views=views)
-        images = FashionBertInference(model, inference.tokenizer, device="cpu").encode_images(val_features)
+        fit_image_tower(
+            model, train_texts, splits.train_features, train_codes, config, log_every=0, views=splits.views
+        )
+        images = FashionBertInference(model, inference.tokenizer, device="cpu").encode_images(
+            splits.val_features
+        )
         print(
             f"{length:>4} refitted ({time.perf_counter() - started:.0f} s): {measure(images, val_texts)}",
             flush=True,

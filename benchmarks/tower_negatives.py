@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from dataclasses import dataclass
 
 import numpy as np
 from rerank_fusion import load_split
@@ -57,8 +58,9 @@ class TowerMeasure:
         return "; ".join(cells)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every image-tower fit benchmark takes: the checkpoint and data, the fit's views, towers
+    and seed, and the queries measured."""
     parser.add_argument("--model", required=True, help="checkpoint folder (its text tower is kept)")
     parser.add_argument(
         "--data", required=True, help="catalogue SPEC (train split fits, validation measures)"
@@ -66,29 +68,62 @@ def main() -> None:
     parser.add_argument("--views", type=_views, default=("flip", "crop", "flipcrop"))
     parser.add_argument("--towers", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="the first tower's; tower k's is seed + k")
-    parser.add_argument("--negatives", default="batch,split", help="text_negatives settings, in this order")
     parser.add_argument("--queries", type=int, default=1000)
+
+
+@dataclass
+class FitSplits:
+    """A checkpoint and its dev split as an image-tower fit reads them: the train photos' features and
+    their views' (what the fit learns from), the validation photos' and eval's draws (what is measured)."""
+
+    inference: FashionBertInference
+    train: Catalogue
+    train_features: np.ndarray
+    views: list[np.ndarray]
+    val: Catalogue
+    val_features: np.ndarray
+    measure: TowerMeasure
+
+    @classmethod
+    def load(cls, args: argparse.Namespace) -> FitSplits:
+        """From `add_fit_arguments`' flags."""
+        inference = FashionBertInference.from_checkpoint(args.model, device="cpu")
+        patch_config = PatchFeatureConfig.from_dict(inference.config.patch_features)
+        (train, train_features), (val, val_features) = (
+            load_split(args.data, inference, part) for part in ("train", "validation")
+        )
+        views = [catalogue_features(train, DEFAULT_CACHE, patch_config, view=view)[1] for view in args.views]
+        return cls(
+            inference, train, train_features, views, val, val_features, TowerMeasure(val, args.queries)
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_fit_arguments(parser)
+    parser.add_argument("--negatives", default="batch,split", help="text_negatives settings, in this order")
     args = parser.parse_args()
 
-    inference = FashionBertInference.from_checkpoint(args.model, device="cpu")
-    patch_config = PatchFeatureConfig.from_dict(inference.config.patch_features)
-    (train, train_features), (val, val_features) = (
-        load_split(args.data, inference, part) for part in ("train", "validation")
-    )
-    views = [catalogue_features(train, DEFAULT_CACHE, patch_config, view=view)[1] for view in args.views]
+    splits = FitSplits.load(args)
+    inference, train = splits.inference, splits.train
     train_texts = inference.encode_texts([item.text for item in train.items])
-    val_texts = inference.encode_texts([item.text for item in val.items])
-    train_codes, measure = text_codes(train), TowerMeasure(val, args.queries)
+    val_texts = inference.encode_texts([item.text for item in splits.val.items])
+    train_codes = text_codes(train)
 
     print(f"{len(train)} train items, {len(args.views)} views, {args.towers} towers from seed {args.seed}")
     for negatives_setting in args.negatives.split(","):
         model = copy.deepcopy(inference.model)
         config = TowerFitConfig(towers=args.towers, seed=args.seed, text_negatives=negatives_setting)
         started = time.perf_counter()
-        fit_image_tower(model, train_texts, train_features, train_codes, config, log_every=0, views=views)
+        fit_image_tower(
+            model, train_texts, splits.train_features, train_codes, config, log_every=0, views=splits.views
+        )
         seconds = time.perf_counter() - started
-        images = FashionBertInference(model, inference.tokenizer, device="cpu").encode_images(val_features)
-        print(f"{negatives_setting:>5} ({seconds:.0f} s fit): {measure(images, val_texts)}", flush=True)
+        fitted = FashionBertInference(model, inference.tokenizer, device="cpu")
+        images = fitted.encode_images(splits.val_features)
+        print(
+            f"{negatives_setting:>5} ({seconds:.0f} s fit): {splits.measure(images, val_texts)}", flush=True
+        )
 
 
 if __name__ == "__main__":
