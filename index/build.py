@@ -157,22 +157,19 @@ class _StateStreams:
     def write(self, encoder: Encoder, text: np.ndarray, mask: np.ndarray, pooled_patches: np.ndarray) -> None:
         """Append rows: (n, T, H) text states and their (n, T) mask (T the chunk's longest text), and the
         rows' pooled patches, whose states are computed here."""
-        pad = ((0, 0), (0, self.max_len - text.shape[1]))
-        text, mask = np.pad(text, (*pad, (0, 0))), np.pad(mask, pad)
         image = encoder.image_states(pooled_patches)  # (n, N, H)
         self.hidden = text.shape[-1]
-        words = text[mask]  # (word pieces, H), item after item: the ragged layout as it is stored
-        if not self.codecs:
-            stored_text = words if self.text_layout == "ragged" else text
-            stored = (stored_text.astype(np.float16), image.astype(np.float16))
-        else:  # only the word pieces are worth encoding; a padded layout's padding stays zero codes
-            word_codes = encode(self.codecs[STATE_FILES[0]], words)
-            codes = word_codes
-            if self.text_layout == "padded":
-                codes = np.zeros((*mask.shape, word_codes.shape[-1]), np.uint8)
-                codes[mask] = word_codes
-            stored = (codes, encode(self.codecs[STATE_FILES[1]], image))
-        for name, array in zip(STATE_FILES, stored, strict=True):
+        words = text[mask]  # (word pieces, H), item after item: only they are worth storing
+        if self.codecs:
+            words = encode(self.codecs[STATE_FILES[0]], words)
+            image = encode(self.codecs[STATE_FILES[1]], image)
+        else:
+            words, image = words.astype(np.float16), image.astype(np.float16)
+        if self.text_layout == "padded":  # max_len positions an item, zeros after its word pieces
+            padded = np.zeros((len(mask), self.max_len, words.shape[-1]), words.dtype)
+            padded[:, : mask.shape[1]][mask] = words
+            words = padded
+        for name, array in zip(STATE_FILES, (words, image), strict=True):
             self.files[name].write(np.ascontiguousarray(array).tobytes())
 
     def finish(self, rows: int) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
 Re-ranking needs every shortlisted item's patch grid, and for a model with a fusion layer its side
 states; stored raw they are tens of KB an item (16 pooled 1280-d patches in float16: 40 KB; MiniLM's
-45 word-piece + 16 patch states of 384 values on average for H&M: 46 KB). A faiss codec (default `PQ64`: 64 bytes a vector) brings each to
-1-4 KB, decoded only for the shortlist.
+states of an average H&M text, 45 word pieces, and 16 patches, 384 values each: 46 KB). A faiss codec
+(default `PQ64`: 64 bytes a vector) brings each to 1-4 KB, decoded only for the shortlist.
 """
 
 from __future__ import annotations
