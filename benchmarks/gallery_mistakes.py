@@ -20,7 +20,7 @@ import numpy as np
 from rerank_fusion import load_split
 
 from model.catalogue import Item
-from model.evaluation import EvalConfig, draw_queries, text_codes
+from model.evaluation import EvalConfig, _embedding_search, draw_queries, text_codes
 from model.inference import FashionBertInference
 
 TRAITS = {
@@ -50,7 +50,8 @@ def main() -> None:
     codes = text_codes(val)
     queries = draw_queries(len(val), args.queries, np.random.default_rng(EvalConfig().seed))
     for direction, (asked, searched) in (("i2t", (images, texts)), ("t2i", (texts, images))):
-        top = (asked[queries] @ searched.T).argmax(1)
+        _, top, _ = _embedding_search(asked[queries], searched, codes[queries], codes, 1)
+        top = top[:, 0]
         wrong = codes[top] != codes[queries]
         classes = Counter(
             shared_traits(val.items[t], val.items[q]) for q, t in zip(queries[wrong], top[wrong], strict=True)

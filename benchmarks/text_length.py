@@ -18,14 +18,11 @@ is worth a training run at it (`benchmarks/train_recipe.sh --max-text-len N`).
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 
 from tower_negatives import FitSplits, add_fit_arguments
 
-from model.evaluation import text_codes
-from model.inference import FashionBertInference
-from model.tower_fit import TowerFitConfig, fit_image_tower
+from model.tower_fit import TowerFitConfig
 
 
 def main() -> None:
@@ -38,7 +35,7 @@ def main() -> None:
 
     splits = FitSplits.load(args)
     inference, train, val = splits.inference, splits.train, splits.val
-    train_codes, measure = text_codes(train), splits.measure
+    measure = splits.measure
     trained_images = inference.encode_images(splits.val_features)
 
     print(
@@ -54,15 +51,8 @@ def main() -> None:
             f"{measure(trained_images, val_texts)}",
             flush=True,
         )
-        model = copy.deepcopy(inference.model)
         started = time.perf_counter()
-        config = TowerFitConfig(towers=args.towers, seed=args.seed)
-        fit_image_tower(
-            model, train_texts, splits.train_features, train_codes, config, log_every=0, views=splits.views
-        )
-        images = FashionBertInference(model, inference.tokenizer, device="cpu").encode_images(
-            splits.val_features
-        )
+        images = splits.refit(train_texts, TowerFitConfig(towers=args.towers, seed=args.seed))
         print(
             f"{length:>4} refitted ({time.perf_counter() - started:.0f} s): {measure(images, val_texts)}",
             flush=True,

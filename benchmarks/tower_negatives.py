@@ -97,6 +97,16 @@ class FitSplits:
             inference, train, train_features, views, val, val_features, TowerMeasure(val, args.queries)
         )
 
+    def refit(self, train_texts: np.ndarray, config: TowerFitConfig) -> np.ndarray:
+        """Fit a copy of the checkpoint's image towers to `train_texts` as `fashionbert fit-image-tower`
+        does (the photos and their views); the validation photos' embeddings under the new towers."""
+        model = copy.deepcopy(self.inference.model)
+        codes = text_codes(self.train)
+        fit_image_tower(model, train_texts, self.train_features, codes, config, log_every=0, views=self.views)
+        return FashionBertInference(model, self.inference.tokenizer, device="cpu").encode_images(
+            self.val_features
+        )
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -108,19 +118,13 @@ def main() -> None:
     inference, train = splits.inference, splits.train
     train_texts = inference.encode_texts([item.text for item in train.items])
     val_texts = inference.encode_texts([item.text for item in splits.val.items])
-    train_codes = text_codes(train)
 
     print(f"{len(train)} train items, {len(args.views)} views, {args.towers} towers from seed {args.seed}")
     for negatives_setting in args.negatives.split(","):
-        model = copy.deepcopy(inference.model)
         config = TowerFitConfig(towers=args.towers, seed=args.seed, text_negatives=negatives_setting)
         started = time.perf_counter()
-        fit_image_tower(
-            model, train_texts, splits.train_features, train_codes, config, log_every=0, views=splits.views
-        )
+        images = splits.refit(train_texts, config)
         seconds = time.perf_counter() - started
-        fitted = FashionBertInference(model, inference.tokenizer, device="cpu")
-        images = fitted.encode_images(splits.val_features)
         print(
             f"{negatives_setting:>5} ({seconds:.0f} s fit): {splits.measure(images, val_texts)}", flush=True
         )
