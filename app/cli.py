@@ -100,10 +100,11 @@ def cmd_catalogue(args: argparse.Namespace) -> int:
 def cmd_features(args: argparse.Namespace) -> int:
     from model.catalogue import load_catalogue
     from model.feature_cache import FeatureCache
+    from model.inference import pick_device
     from model.patch_features import PatchFeatureExtractor
 
     # A bad flag or a missing weight package fails before the catalogue is read.
-    extractor = PatchFeatureExtractor(_patch_config(args, mode=args.mode))
+    extractor = PatchFeatureExtractor(_patch_config(args, mode=args.mode), device=pick_device(args.device))
     catalogue = load_catalogue(args.data, limit=args.limit)
     kept, features = FeatureCache(args.cache, extractor).features_for(catalogue, batch_size=args.batch_size)
     print(f"{len(kept)} items with features {tuple(features.shape)}; {len(catalogue) - len(kept)} skipped")
@@ -205,7 +206,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config, patch_config = _model_and_patch_config(args)
         model, tokenizer = build_model(config, pretrained=not args.tiny)
     catalogue = load_catalogue(args.data, limit=args.limit)
-    kept, features = catalogue_features(catalogue, args.cache, patch_config)
+    kept, features = catalogue_features(catalogue, args.cache, patch_config, device=args.device)
     (train, train_features), (validation, validation_features) = split_with_features(
         kept, features, args.val_fraction, seed=args.split_seed
     )
@@ -244,17 +245,18 @@ def cmd_fit_image_tower(args: argparse.Namespace) -> int:
     if args.add_colour:
         model = grow_colour_path(model)
     patch_config = PatchFeatureConfig.from_dict(model.config.patch_features)
-    kept, features = catalogue_features(load_catalogue(args.data, limit=args.limit), args.cache, patch_config)
+    catalogue = load_catalogue(args.data, limit=args.limit)
+    kept, features = catalogue_features(catalogue, args.cache, patch_config, device=args.device)
     (train, train_features), _ = split_with_features(kept, features, args.val_fraction, seed=args.split_seed)
     views = []
     for view in args.views:  # the train items' photos seen another way, cached apart (computed on a miss)
-        seen, grids = catalogue_features(train, args.cache, patch_config, view=view)
+        seen, grids = catalogue_features(train, args.cache, patch_config, device=args.device, view=view)
         if len(seen) != len(train):
             raise SystemExit(
                 f"error: {len(train) - len(seen)} train photos could not be read for view {view}"
             )
         views.append(grids)
-    inference = FashionBertInference(model, tokenizer, device="cpu")
+    inference = FashionBertInference(model, tokenizer, device=args.device)
     texts = inference.encode_texts([item.text for item in train.items])  # the locked text tower's
     config = TowerFitConfig(
         steps=args.steps,
@@ -307,7 +309,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     patch_config = PatchFeatureConfig.from_dict(inference.config.patch_features)
     catalogue = load_catalogue(args.data, limit=args.limit)
-    kept, features = catalogue_features(catalogue, args.cache, patch_config)
+    kept, features = catalogue_features(catalogue, args.cache, patch_config, device=inference.device)
     querybank = None
     if args.split != "all":
         train, validation = split_with_features(kept, features, args.val_fraction, seed=args.split_seed)
@@ -653,6 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_patch_network(p)
     _add_colour(p)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (the patch network)")
     _add_split(p)
     p.add_argument(
         "--views",
@@ -781,6 +784,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="split",
         help="rank each image against every train text (split, the default) or the batch's only",
     )
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
     p = add(
         "eval", cmd_eval, "evaluate a checkpoint: the paper's sampled protocol and full-gallery retrieval"
@@ -869,6 +873,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.handler(args)
+    except RuntimeError as error:
+        from model.inference import DeviceUnavailableError  # already imported if it raised one
+
+        if not isinstance(error, DeviceUnavailableError):
+            raise
+        raise SystemExit(f"error: {error}") from error  # --device cuda on a machine without one
     except ImportError as error:
         from model.patch_features import MissingWeightsError  # already imported if it raised one
 

@@ -1,4 +1,5 @@
-"""Training throughput (pairs/s) of one FashionBERT step, bf16 autocast vs fp32, on this machine.
+"""Training throughput (pairs/s) of one FashionBERT step, bf16 autocast vs fp32, on this machine (its GPU
+if it has one; `--device cpu` for the CPU).
 
     python benchmarks/train_speed.py --batch-size 32 --steps 3 --repeats 3
     python benchmarks/train_speed.py --precisions bf16 --mine-top-k 30 --negatives-per-item 3   # mined
@@ -41,6 +42,8 @@ def main() -> None:
         "--fixed-weights", action="store_true", help="equal fixed task weights: no per-task gradients"
     )
     parser.add_argument("--adaptive-scope", default="last_output", help="last_output, last_layer or encoder")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--text-model", default=None, help="pretrained BERT folder (default: the config's)")
     args = parser.parse_args()
 
     n = args.batch_size * 4
@@ -61,6 +64,8 @@ def main() -> None:
     for precision in args.precisions.split(","):
         torch.manual_seed(0)
         config = FashionBertConfig()
+        if args.text_model:
+            config.text_model = args.text_model
         if args.tiny:
             config.bert = dict(TINY_BERT)
         model, tokenizer = build_model(config, pretrained=not args.tiny)
@@ -73,7 +78,7 @@ def main() -> None:
             None,
             TrainConfig(
                 batch_size=args.batch_size,
-                device="cpu",
+                device=args.device,
                 bf16=precision == "bf16",
                 mine_top_k=args.mine_top_k,
                 mine_every=10**9,  # mined once, in the warm-up step
@@ -94,6 +99,7 @@ def main() -> None:
                 trainer.train_step(batches[(step + 1) % len(batches)])
             times.append((time.perf_counter() - start) / args.steps)
         results[precision] = statistics.median(times)
+    print(f"device: {trainer.device}")
     print(f"| precision | s/step (median of {args.repeats}) | pairs/s |")
     print("| --- | --- | --- |")
     for precision, seconds in results.items():

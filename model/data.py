@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from model.catalogue import Catalogue
 from model.feature_cache import FeatureCache
+from model.inference import pick_device
 from model.patch_features import PatchFeatureConfig, PatchFeatureExtractor
 
 
@@ -71,12 +73,12 @@ def catalogue_features(
     catalogue: Catalogue,
     cache_root: str | Path,
     patch_config: PatchFeatureConfig,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     view: str | None = None,
 ) -> tuple[Catalogue, np.ndarray]:
     """Patch features of every item with a readable image (of its photo seen through `view`, `model.views`),
-    from the cache (computed once on a miss)."""
-    extractor = PatchFeatureExtractor(patch_config, device=device)
+    from the cache (computed once on a miss, on `device`: auto, cpu or cuda)."""
+    extractor = PatchFeatureExtractor(patch_config, device=pick_device(device))
     return FeatureCache(cache_root, extractor, view=view).features_for(catalogue)
 
 

@@ -26,12 +26,17 @@ from model.patches import pool_grid
 logger = logging.getLogger(__name__)
 
 
-def pick_device(name: str = "auto") -> torch.device:
+class DeviceUnavailableError(RuntimeError):
+    """The device asked for is not on this machine (CUDA on a CPU-only one): a flag to change, not a bug."""
+
+
+def pick_device(name: str | torch.device = "auto") -> torch.device:
     """`auto` takes CUDA when present, else the CPU; asking for CUDA without one fails clearly."""
+    name = str(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+        raise DeviceUnavailableError(f"device {name!r} requested but CUDA is not available")
     return torch.device(name)
 
 

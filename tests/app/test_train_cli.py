@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from app.cli import main
 
@@ -63,3 +64,21 @@ def test_a_missing_weight_package_is_a_one_line_error(
         args += ["--out", str(tmp_path / "run"), "--tiny", "--steps", "1"]
     with pytest.raises(SystemExit, match=r"^error: efficientnet-lite2's weights come from the package"):
         main(args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+@pytest.mark.parametrize("command", ["features", "train", "fit-image-tower", "eval"])
+def test_cuda_asked_for_on_a_machine_without_it_is_a_one_line_error(
+    command: str, shared_data: Path, tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """Every command that runs the patch network on a cache miss takes `--device`; `auto` falls back to the
+    CPU, `cuda` without one says so."""
+    args = [command, "--data", f"hm:{shared_data / 'hm'}", "--limit", "8", "--cache", str(tmp_path)]
+    if command == "train":
+        args += ["--out", str(tmp_path / "run"), "--tiny", "--steps", "1"]
+    if command in ("fit-image-tower", "eval"):
+        args += ["--model", str(tiny_checkpoint)]
+    if command == "fit-image-tower":
+        args += ["--out", str(tmp_path / "fitted")]
+    with pytest.raises(SystemExit, match=r"^error: device 'cuda' requested but CUDA is not available"):
+        main([*args, "--device", "cuda"])
