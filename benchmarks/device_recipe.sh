@@ -4,7 +4,7 @@
 # transformers but not this project's other packages or data, so it runs from the checkout with the
 # bundles of benchmarks/device_pack.py, in two calls (each bundle fills most of what one call may carry):
 #
-#   benchmarks/device_recipe.sh features  # .dev/data: the patch features and 3 views on the GPU, a tiny smoke run
+#   benchmarks/device_recipe.sh features  # .dev/data: the patch features on the GPU, a tiny smoke run
 #   benchmarks/device_recipe.sh train     # .dev/bert: pre-train, fine-tune, send the checkpoint back in $OUT
 #
 # Both work in $WORK, outside the checkout, so the second call finds the first one's features on a machine
@@ -34,17 +34,16 @@ features)
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__)"
     fashionbert features "${common[@]}" --batch-size 128
-    echo "features: $(seconds) s"
-    fashionbert features "${common[@]}" --batch-size 128 --views flip,crop,flipcrop
-    echo "features and views: $(seconds) s"
-    # A tiny model through every CUDA path the run will take, and those it will not (fit, eval).
+    echo "features: $(seconds) s"  # stop 35's H200: 136 s, 93 photos/s (benchmarks/feature_host_path.py)
+    # A tiny model through every CUDA path the run will take, and those it will not (fit, eval). The views
+    # the image-tower fit reads are left to the machine that fits: each took about as long as the photos.
     smoke=(--text-model "$WORK/tokenizer" --tiny)
     fashionbert train "${common[@]}" "${smoke[@]}" --out "$WORK/smoke/pretrain" --steps 30 --validate-every 10
     fashionbert train "${common[@]}" --out "$WORK/smoke/listwise" --init "$WORK/smoke/pretrain/best" \
         --fusion-layer 1 --tasks alignment,contrastive --listwise --mine-top-k 30 --negatives-per-item 4 \
         --mine-every 10 --steps 20 --batch-size 24 --validate-every 10
     fashionbert fit-image-tower "${common[@]}" --model "$WORK/smoke/listwise/best" --out "$WORK/smoke/best" \
-        --views flip,crop,flipcrop --steps 20 --towers 2
+        --steps 20 --towers 2
     fashionbert eval "${common[@]}" --model "$WORK/smoke/best" --queries 100 --recall-k 10
     echo "smoke: $(seconds) s"
     ;;
@@ -59,7 +58,7 @@ train)
         --adaptive-scope last_output --init "$run/pretrain/best" --fusion-layer 5 --tasks alignment,contrastive \
         --listwise --mine-top-k 30 --negatives-per-item 4 --mine-every 150 --batch-size 24 --lr 5e-5 \
         --warmup-steps 20 --validate-every 100
-    echo "listwise: $(seconds) s"
+    echo "listwise: $(seconds) s"  # stop 35's H200, 3.5 + 1.75 minutes: 376 s, 1,554 + 447 steps
     ship="$WORK/ship"
     rm -rf "$ship" && mkdir -p "$ship/pretrain" "$ship/listwise"
     cp -r "$run/listwise/best" "$ship/best"
