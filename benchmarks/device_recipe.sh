@@ -63,7 +63,7 @@ train)
     rm -rf "$ship" && mkdir -p "$ship/pretrain" "$ship/listwise"
     cp -r "$run/listwise/best" "$ship/best"
     python3 benchmarks/device_pack.py checkpoint-bf16 "$ship/best"
-    for phase in pretrain listwise; do cp "$run/$phase/metrics.jsonl" "$run/$phase/summary.json" "$ship/$phase/" 2>/dev/null || true; done
+    for phase in pretrain listwise; do cp "$run/$phase/metrics.jsonl" "$run/$phase/training.png" "$ship/$phase/"; done
     tar -C "$ship" -cf - . | split -b 15M - "$OUT/checkpoint.tar.part-"
     echo "shipped: $(seconds) s"
     if (( $(seconds) < EVAL_IF_BEFORE_S )); then
