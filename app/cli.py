@@ -231,13 +231,15 @@ def cmd_fit_image_tower(args: argparse.Namespace) -> int:
     import time
     from dataclasses import asdict
 
+    import torch
+
     from model.catalogue import load_catalogue
     from model.checkpoint import load_checkpoint, read_summary, save_checkpoint
     from model.data import catalogue_features, split_with_features
     from model.evaluation import text_codes
     from model.inference import FashionBertInference
     from model.patch_features import PatchFeatureConfig
-    from model.tower_fit import TowerFitConfig, fit_image_tower
+    from model.tower_fit import TextTowerFitConfig, TowerFitConfig, fit_image_tower, fit_text_tower
     from model.training import grow_colour_path
 
     started = time.monotonic()
@@ -266,9 +268,20 @@ def cmd_fit_image_tower(args: argparse.Namespace) -> int:
         towers=args.towers,
         text_negatives=args.text_negatives,
     )
-    losses = fit_image_tower(inference.model, texts, train_features, text_codes(train), config, views=views)
+    codes = text_codes(train)
+    losses = fit_image_tower(inference.model, texts, train_features, codes, config, views=views)
+    text_fit = {}
+    if args.text_steps:  # the text tower against the fitted towers, then the towers again to it
+        text_config = TextTowerFitConfig(steps=args.text_steps, seed=args.seed)
+        images = torch.stack([torch.from_numpy(inference.encode_images(g)) for g in (train_features, *views)])
+        ids, mask = inference.pad(inference.tokenize([item.text for item in train.items]))
+        text_losses = fit_text_tower(inference.model, ids, mask, images, codes, text_config)
+        texts = inference.encode_texts([item.text for item in train.items])
+        losses = fit_image_tower(inference.model, texts, train_features, codes, config, views=views)
+        text_fit = {"text_tower_fit": {"config": asdict(text_config), "final_loss": text_losses[-1]}}
     summary = {
         **read_summary(args.model),
+        **text_fit,
         "image_tower_fit": {
             "from": str(args.model),
             "config": asdict(config),
@@ -281,8 +294,9 @@ def cmd_fit_image_tower(args: argparse.Namespace) -> int:
     }
     save_checkpoint(inference.model.eval(), tokenizer, args.out, summary)
     print(
-        f"{len(losses)} image tower(s) fitted on {len(train)} items, {config.steps} steps each; "
-        f"checkpoint in {args.out}"
+        f"{len(losses)} image tower(s) fitted on {len(train)} items, {config.steps} steps each"
+        + (f", around {args.text_steps} steps of the text tower" if args.text_steps else "")
+        + f"; checkpoint in {args.out}"
     )
     return 0
 
@@ -391,6 +405,12 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
 def _positive_int(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value!r}")
+    return int(value)
+
+
+def _whole_number(value: str) -> int:
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}")
     return int(value)
 
 
@@ -783,6 +803,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("split", "batch"),
         default="split",
         help="rank each image against every train text (split, the default) or the batch's only",
+    )
+    p.add_argument(
+        "--text-steps",
+        type=_whole_number,
+        default=0,
+        help="then train the text tower this many steps against the fitted towers, each text ranked "
+        "against every train image, and fit the towers again to it (README: 400 steps, 13 minutes for "
+        "H&M on 2 cores, +3 points text to image; default %(default)s: none)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
 

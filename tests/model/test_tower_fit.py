@@ -20,7 +20,14 @@ from model.evaluation import text_codes
 from model.fashionbert import FashionBert
 from model.inference import FashionBertInference
 from model.patch_features import PatchFeatureConfig
-from model.tower_fit import TowerFitConfig, fit_image_tower, info_nce_against_every_text, symmetric_info_nce
+from model.tower_fit import (
+    TextTowerFitConfig,
+    TowerFitConfig,
+    fit_image_tower,
+    fit_text_tower,
+    info_nce_against_every_text,
+    symmetric_info_nce,
+)
 
 
 def tiny_colour_model() -> FashionBert:
@@ -256,3 +263,78 @@ def test_features_command_caches_the_views_fit_image_tower_reads(
 def test_add_colour_needs_a_checkpoint_to_grow(shared_data: Path) -> None:
     with pytest.raises(SystemExit, match="--init"):
         main(["train", "--data", f"hm:{shared_data / 'hm'}", "--out", "unused", "--add-colour", "--tiny"])
+
+
+def tokenized(catalogue) -> tuple[torch.Tensor, torch.Tensor]:
+    """The catalogue's texts through the real tokenizer: (n, T) right-padded ids and attention mask."""
+    from transformers import AutoTokenizer
+
+    from model.config import DEFAULT_TEXT_MODEL, resolve_text_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_text_model(DEFAULT_TEXT_MODEL))
+    encoded = tokenizer([item.text for item in catalogue.items], padding=True, truncation=True, max_length=48)
+    return torch.tensor(encoded["input_ids"]), torch.tensor(encoded["attention_mask"])
+
+
+@pytest.mark.parametrize("refresh_every", [0, 20])
+def test_the_text_fit_finds_the_locked_images_and_moves_only_the_text_tower(hm_slice, refresh_every) -> None:
+    """Stand-in locked image embeddings (random unit vectors, one per item): the text tower must learn to
+    find each item's, the image towers stay as they are, and the tower term's mean over true and shuffled
+    pairs stays where it was (`keep_alignment_operating_point`: image i beside the shuffled text)."""
+    catalogue, _ = hm_slice
+    model = tiny_colour_model()
+    ids, mask = tokenized(catalogue)
+    images = torch.from_numpy(distinct_texts(len(catalogue), model.config.embed_dim))  # (n, E)
+    codes = text_codes(catalogue)
+    shuffled = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+
+    def texts() -> torch.Tensor:
+        with torch.no_grad():
+            return model.eval().encode_text(ids, mask)
+
+    def text_to_image_r1() -> float:
+        best = (texts() @ images.T).argmax(1).numpy()
+        return float((codes[best] == codes).mean())
+
+    def mean_tower_logit() -> float:
+        cosines = torch.cat([(texts() * images).sum(1), (texts()[shuffled] * images).sum(1)])
+        return model.alignment_head.bias.item() + model.tower_scale.item() * cosines.mean().item()
+
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    r1, logit = text_to_image_r1(), mean_tower_logit()
+    assert r1 < 0.1  # chance: 1 in 64
+    # fp32, so that this test's fp32 encodings are the ones the fit's bias shift was computed from
+    config = TextTowerFitConfig(
+        steps=80, batch_size=16, learning_rate=5e-4, refresh_every=refresh_every, bf16=False
+    )
+    losses = fit_text_tower(model, ids, mask, images[None], codes, config)
+    assert losses[-1] < losses[0] / 2
+    assert text_to_image_r1() > 0.5, text_to_image_r1()
+    assert mean_tower_logit() == pytest.approx(logit, abs=1e-3)
+    moved = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert "text_projection.weight" in moved and any(name.startswith("bert.encoder.") for name in moved)
+    assert all(
+        name.startswith(("bert.", "text_projection.")) or name == "alignment_head.bias" for name in moved
+    )
+
+
+def test_fit_image_tower_command_with_text_steps(
+    shared_data: Path, feature_cache_dir: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """`--text-steps`: the text tower moves too, and the towers are fitted to it (the summary says so)."""
+    out = tmp_path / "fitted"
+    args = ["fit-image-tower", "--model", str(tiny_checkpoint), "--out", str(out)]
+    args += ["--data", f"hm:{shared_data / 'hm'}", "--limit", "64", "--cache", str(feature_cache_dir)]
+    args += ["--steps", "5", "--batch-size", "16", "--towers", "1"]
+    assert main([*args, "--text-steps", "3"]) == 0
+    fitted = FashionBertInference.from_checkpoint(out, device="cpu")
+    original = FashionBertInference.from_checkpoint(tiny_checkpoint, device="cpu")
+    texts = ["black satin midi skirt", "red wool coat"]
+    assert not np.allclose(fitted.encode_texts(texts), original.encode_texts(texts))
+    summary = json.loads((out / "summary.json").read_text())
+    assert (
+        summary["text_tower_fit"]["config"]["steps"] == 3
+        and summary["image_tower_fit"]["config"]["steps"] == 5
+    )
+    with pytest.raises(SystemExit):  # argparse: "expected a whole number"
+        main([*args, "--text-steps", "-1"])
