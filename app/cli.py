@@ -259,7 +259,8 @@ def cmd_fit_image_tower(args: argparse.Namespace) -> int:
             )
         views.append(grids)
     inference = FashionBertInference(model, tokenizer, device=args.device)
-    texts = inference.encode_texts([item.text for item in train.items])  # the locked text tower's
+    train_ids = inference.tokenize([item.text for item in train.items])
+    texts = inference.encode_token_ids(train_ids)  # the locked text tower's
     config = TowerFitConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -274,9 +275,9 @@ def cmd_fit_image_tower(args: argparse.Namespace) -> int:
     if args.text_steps:  # the text tower against the fitted towers, then the towers again to it
         text_config = TextTowerFitConfig(steps=args.text_steps, seed=args.seed)
         images = torch.stack([torch.from_numpy(inference.encode_images(g)) for g in (train_features, *views)])
-        ids, mask = inference.pad(inference.tokenize([item.text for item in train.items]))
-        text_losses = fit_text_tower(inference.model, ids, mask, images, codes, text_config)
-        texts = inference.encode_texts([item.text for item in train.items])
+        ids, mask = inference.pad(train_ids)
+        text_losses, moved = fit_text_tower(inference.model, ids, mask, texts, images, codes, text_config)
+        texts = moved.cpu().numpy()
         losses = fit_image_tower(inference.model, texts, train_features, codes, config, views=views)
         text_fit = {"text_tower_fit": {"config": asdict(text_config), "final_loss": text_losses[-1]}}
     summary = {

@@ -47,7 +47,8 @@ def main() -> None:
     inference, train, val = splits.inference, splits.train, splits.val
     model = inference.model
     torch.manual_seed(args.seed)
-    token_ids, mask = inference.pad(inference.tokenize([item.text for item in train.items]))
+    train_ids = inference.tokenize([item.text for item in train.items])
+    token_ids, mask = inference.pad(train_ids)
     val_ids = inference.tokenize([item.text for item in val.items])
     # Locked image side: every train photo and every view through the fitted towers.
     looks = [splits.train_features, *splits.views]
@@ -66,8 +67,11 @@ def main() -> None:
         refresh_every=args.text_memory,
         seed=args.seed,
     )
-    fit_text_tower(model, token_ids, mask, images, text_codes(train), config, args.eval_every, measure)
-    train_texts = inference.encode_token_ids(inference.tokenize([item.text for item in train.items]))
+    texts = inference.encode_token_ids(train_ids)
+    _, moved = fit_text_tower(
+        model, token_ids, mask, texts, images, text_codes(train), config, args.eval_every, measure
+    )
+    train_texts = moved.cpu().numpy()
     started = time.monotonic()
     image_config = TowerFitConfig(towers=args.towers, seed=args.seed)
     fit_image_tower(

@@ -151,26 +151,30 @@ def fit_text_tower(
     model: FashionBert,
     token_ids: torch.Tensor,
     attention_mask: torch.Tensor,
+    text_embeddings: np.ndarray,
     image_embeddings: torch.Tensor,
     text_codes: np.ndarray,
     config: TextTowerFitConfig = TextTowerFitConfig(),
     log_every: int = 100,
     report: Callable[[], str] | None = None,
-) -> list[float]:
+) -> tuple[list[float], torch.Tensor]:
     """Train the text tower (the encoder reading text alone, and its projection) against the locked image
     towers, the mirror of `fit_image_tower`: their embeddings of every train photo are at hand, so each
     text of a batch is ranked against all of them, and each batch image against every train text (held
     in a memory, `config.refresh_every`). On H&M 400 steps add 2.6-3.3 points of text-to-image R@1 and
     0.3-1.0 image-to-text, two seeds (README, "Why re-ranking adds nothing yet").
 
-    token_ids, attention_mask: (n, T) the items' right-padded texts; image_embeddings: (V, n, E) the image
-    towers' of the photos and their views, a step reads one of them; text_codes: (n,) equal codes for
-    identical texts, which share the probability. The encoder is the joint pass's too, so the
-    cross-encoder's states move with it; the alignment head's bias takes back the tower term's average
-    move (`keep_alignment_operating_point`). Returns the loss of every step; leaves the model in eval mode.
+    token_ids, attention_mask: (n, T) the items' right-padded texts; text_embeddings: (n, E) the text
+    tower's of them as it stands (the memory's start, and where the operating point is kept from);
+    image_embeddings: (V, n, E) the image towers' of the photos and their views, a step reads one of them;
+    text_codes: (n,) equal codes for identical texts, which share the probability. The encoder is the joint
+    pass's too, so the cross-encoder's states move with it; the alignment head's bias takes back the tower
+    term's average move (`keep_alignment_operating_point`). Returns the loss of every step and the moved
+    tower's (n, E) embeddings of the texts; leaves the model in eval mode.
     """
     device = model.logit_scale.device
     token_ids, attention_mask = token_ids.to(device), attention_mask.to(device)
+    first = torch.from_numpy(np.ascontiguousarray(text_embeddings, dtype=np.float32)).to(device)
     image_embeddings = image_embeddings.float().to(device)
     codes = torch.from_numpy(np.asarray(text_codes)).to(device)
     scale = model.logit_scale.detach().exp().clamp(max=100)
@@ -187,12 +191,11 @@ def fit_text_tower(
         every = torch.arange(len(token_ids), device=device)
         return torch.cat([encode(chunk) for chunk in every.split(256)])
 
-    first = encode_all()
-    tower = [*model.bert.parameters(), *model.text_projection.parameters()]
     groups = [
         {"params": list(model.bert.parameters()), "lr": config.learning_rate},
         {"params": list(model.text_projection.parameters()), "lr": 10 * config.learning_rate},
     ]
+    tower = [param for group in groups for param in group["params"]]
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     generator = torch.Generator().manual_seed(config.seed)
@@ -229,9 +232,10 @@ def fit_text_tower(
                 f"text tower fit: step {step + 1} loss {losses[-1]:.3f} ({time.monotonic() - started:.0f} s)"
             )
             print(line + (f": {report()}" if report else ""), flush=True)
+    moved = encode_all()
     with torch.no_grad():
-        keep_alignment_operating_point(model, image_embeddings[0], first, encode_all())
-    return losses
+        keep_alignment_operating_point(model, image_embeddings[0], first, moved)
+    return losses, moved
 
 
 def fit_tower(

@@ -307,9 +307,10 @@ def test_the_text_fit_finds_the_locked_images_and_moves_only_the_text_tower(hm_s
     config = TextTowerFitConfig(
         steps=80, batch_size=16, learning_rate=5e-4, refresh_every=refresh_every, bf16=False
     )
-    losses = fit_text_tower(model, ids, mask, images[None], codes, config)
+    losses, moved = fit_text_tower(model, ids, mask, texts().numpy(), images[None], codes, config)
     assert losses[-1] < losses[0] / 2
     assert text_to_image_r1() > 0.5, text_to_image_r1()
+    torch.testing.assert_close(moved, texts())  # what it returns: the moved tower's embeddings
     assert mean_tower_logit() == pytest.approx(logit, abs=1e-3)
     moved = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
     assert "text_projection.weight" in moved and any(name.startswith("bert.encoder.") for name in moved)
