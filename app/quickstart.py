@@ -5,7 +5,7 @@ Each step is skipped when what it makes is already there, so the second run star
    (`model/synthetic.py`) written once into the state folder;
 2. model: `<state>/model/best`, trained for a few minutes (bf16 on CPU) when missing, then
    `<state>/model/fitted`: its image tower refitted to the locked text tower as an ensemble
-   (`fit-image-tower`, README "Image tower ensemble");
+   (`fit-image-tower`, benchmarks/RESULTS.md "Image tower ensemble");
 3. index bundle: `<state>/bundles/<key>`, built when missing for this data, limit and model;
 4. serve the API and the demo page.
 The steps run the `fashionbert` subcommands themselves (`train`, `fit-image-tower`, `index build`,

@@ -9,7 +9,7 @@
 The text tower's embeddings of the train split are computed once and held fixed; a fresh image tower is
 fitted to them with the symmetric InfoNCE loss (items with identical text count as positives of each
 other; since stop 30 `fit_tower` ranks each image against every train text, so image-to-text figures
-come out about a point higher than those measured before: README, "Every train text as a false text"),
+come out about a point higher than those measured before: benchmarks/RESULTS.md, "Every train text as a false text"),
 then the validation gallery is searched with it (R@1 / R@10 of `fashionbert eval`'s 1,000 queries). Two
 towers: the model's own design (mean of the patch grid, then an MLP), and attention pooling over the 64
 patches (a learned query over the projected patches plus their position, added to the mean path), which

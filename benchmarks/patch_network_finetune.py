@@ -2,7 +2,7 @@
 
     python benchmarks/patch_network_finetune.py --model runs/hm-recipe/best --data hm:../shared/data/hm
 
-README "The image tower is not the bottleneck" found recall bounded by what the frozen EfficientNet-Lite0
+benchmarks/RESULTS.md "The image tower is not the bottleneck" found recall bounded by what the frozen EfficientNet-Lite0
 features hold: re-fitting the tower or pooling the patches by attention changed nothing. This measures the
 lever it names. The network's trunk (stem and blocks before `--first-block`) stays frozen and is run once
 per image (its feature maps are cached under `--trunk-cache`); the blocks from `--first-block` on, the

@@ -6,7 +6,7 @@
 text tower's and the joint pass's alike. H&M's descriptions run to a median of 45 word pieces and a 90th
 percentile of 69, so the default of 48 cuts 41% of them, and what it cuts is the end of `detail_desc`: the
 cut, sleeves and fastenings that tell apart two garments of one colour and type (most of the gallery's
-top-1 mistakes, README "Text length"). For each cut this encodes the train and validation texts with the
+top-1 mistakes, benchmarks/RESULTS.md "Text length"). For each cut this encodes the train and validation texts with the
 checkpoint's trained text tower, measures the towers as they are (their image tower was fitted to texts
 cut at the checkpoint's own length), then refits the image towers to the re-read train texts as
 `fashionbert fit-image-tower` does (8 towers on the photos and their views) and measures again: R@1 /

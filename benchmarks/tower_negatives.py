@@ -8,7 +8,7 @@ towers on the train photos and their views, against the locked text tower), once
 `TowerFitConfig.text_negatives`, and measures each on the validation split with the 1,000 queries of
 `fashionbert eval`: full-gallery R@1 / R@10 with the embeddings, and the paper's sampled protocol (each
 query's partner among 100 negatives of its sub-category, the same draw as the eval's) ranked by the towers'
-cosine alone, the term that decides the served logit (README, "Why re-ranking adds nothing yet"). The
+cosine alone, the term that decides the served logit (benchmarks/RESULTS.md, "Why re-ranking adds nothing yet"). The
 cross-encoder is not run, so each setting takes the fit's minutes, not an evaluation's.
 """
 

@@ -9,18 +9,18 @@
 # pre-training gets what is left once they, the listwise phase (LISTWISE_MINUTES) and RESERVE_MINUTES
 # (the listwise run's start-up, last validation and saving, and the tower fit) are paid; PRETRAIN_MINUTES
 # fixes it instead. The listwise phase then gets at most what the clock leaves before the reserve. Each
-# phase is what README "Results on H&M" measured in longer runs one at a time; here they share the budget.
+# phase is what benchmarks/RESULTS.md measured in longer runs one at a time; here they share the budget.
 # Extra arguments go to the pre-training.
 #
 #   benchmarks/train_recipe.sh        # runs/hm-adaptive-output: the adaptive loss, fusion layer 5 (the default)
-#   LOSS=fixed OUT=runs/hm-fixed-fusion5 benchmarks/train_recipe.sh  # the default with fixed weights (README)
+#   LOSS=fixed OUT=runs/hm-fixed-fusion5 benchmarks/train_recipe.sh  # the default with fixed weights (RESULTS.md)
 #   ADAPTIVE_SCOPE=last_layer OUT=runs/hm-fusion5 benchmarks/train_recipe.sh  # the default before stop 26
 #   ADAPTIVE_SCOPE=last_layer FUSION_LAYER=0 OUT=runs/hm-recipe-adaptive benchmarks/train_recipe.sh  # all joint
 #   LOSS=fixed FUSION_LAYER=0 OUT=runs/hm-recipe benchmarks/train_recipe.sh  # and equal fixed weights
 # ADAPTIVE_SCOPE picks the shared parameters of the adaptive loss's task gradients (`--adaptive-scope`):
 # last_output, the last layer's feed-forward output block, costs 1.06x a fixed-weights step; last_layer,
 # which the runs before stop 26 used, 1.24x. IMAGE_SIZE letterboxes the photos to another size before
-# the patch network (README, "Photo size": 384 was level with 256 after training, and costs 1.65x a photo);
+# the patch network (benchmarks/RESULTS.md, "Photo size": 384 was level with 256 after training, and costs 1.65x a photo);
 # BACKBONE picks the patch network (`--backbone`; the deeper Lite1 and Lite2 need the `backbones` extra).
 # The listwise phase moves the fusion layer (README, "Fusion layer"): one joint layer meets the service's
 # latency target, and its bundle stores each item's states below it.
@@ -41,7 +41,7 @@ IMAGE_SIZE="${IMAGE_SIZE:-256}"
 BACKBONE="${BACKBONE:-efficientnet-lite0}"
 VIEWS="${VIEWS-flip,crop,flipcrop}"  # VIEWS= PRETRAIN_MINUTES=34: the recipe before stop 29
 # TEXT_STEPS trains the text tower against the fitted image towers, then fits them again (`fit-image-tower
-# --text-steps`, 13 minutes for 400 on 2 cores, taken from the listwise phase since stop 37; README
+# --text-steps`, 13 minutes for 400 on 2 cores, taken from the listwise phase since stop 37; benchmarks/RESULTS.md
 # "Why re-ranking adds nothing yet"). TEXT_STEPS=0 LISTWISE_MINUTES=24 RESERVE_MINUTES=8: the recipe before.
 TEXT_STEPS="${TEXT_STEPS:-400}"
 

@@ -46,7 +46,7 @@ class IndexConfig:
     # How a fused model's text states are laid out: "ragged" stores each item's word pieces only, one
     # after another (offsets from the token lengths), "padded" every item at max_text_len positions, as
     # bundles before stop 34 did. H&M's texts fill 45 of 64 positions on average: 2.9 KB an item
-    # against 4.1 KB (README "Text length"). Adding to a bundle keeps the layout it was built with.
+    # against 4.1 KB (benchmarks/RESULTS.md "Text length"). Adding to a bundle keeps the layout it was built with.
     text_states_layout: str = "ragged"
     chunk_items: int = 1024  # items encoded per pass: bounds memory to one chunk of float16 patches
     batch_size: int = 128  # model batch for the image and text towers

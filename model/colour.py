@@ -2,7 +2,7 @@
 
 An ImageNet classifier learns to recognise a shirt whatever its colour, so its final features say little
 about "beige" versus "black"; yet half the recall towers' top-1 mistakes on H&M were the wrong colour,
-and these histograms add about 5 points of gallery R@1 (README, "Colour histograms"). Each patch gets an HSV
+and these histograms add about 5 points of gallery R@1 (benchmarks/RESULTS.md, "Colour histograms"). Each patch gets an HSV
 histogram of its garment pixels: hue x saturation x value bins for coloured pixels, value bins for greys
 (white, grey, black), counted as a share of the patch's pixels (so the histogram's sum is how much of the
 patch is garment) and square-rooted (the Hellinger map: a dot product of two such vectors is the

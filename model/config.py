@@ -47,7 +47,7 @@ class FashionBertConfig:
     # The patch network's config (PatchFeatureConfig as a dict), kept so serving extracts the same features.
     patch_features: dict[str, Any] = field(default_factory=dict)
     # H&M texts: median 45 word pieces, p90 69 ([CLS] and [SEP] included), so 48 cut 41% of them and 64
-    # cuts 14%; 64 scored 0.1-2.5 points of R@1 higher than 48 (README "Text length").
+    # cuts 14%; 64 scored 0.1-2.5 points of R@1 higher than 48 (benchmarks/RESULTS.md "Text length").
     max_text_len: int = 64
     # Encoder layers below this one read text and patches apart (each side attends to itself only); the rest
     # read them together. 0 is the paper's model (every layer joint). Above 0, a catalogue item's states
@@ -56,7 +56,7 @@ class FashionBertConfig:
     # One-modality recall embeddings (pooled, projected, L2-normalised).
     embed_dim: int = 256
     # Image towers whose embeddings are averaged: an ensemble fitted apart, each from its own seed, generalises
-    # better than one tower on these few thousand pairs (README, "Image tower ensemble").
+    # better than one tower on these few thousand pairs (benchmarks/RESULTS.md, "Image tower ensemble").
     image_towers: int = 1
     # Pre-training task settings (the paper's rates).
     mlm_probability: float = 0.15

@@ -44,7 +44,7 @@ def colour_path(in_dim: int, out_dim: int) -> nn.Module | None:
 class StackedMLP(nn.Module):
     """`members` separate `mlp` networks, (B, D) -> (K, B, E), with their
     weights stacked on a leading member axis: an ensemble's forward is two batched matmuls instead of a pass
-    per member, which for a single image query costs mostly call overhead (README, "Image tower ensemble").
+    per member, which for a single image query costs mostly call overhead (benchmarks/RESULTS.md, "Image tower ensemble").
     Each member is initialised as those `nn` layers would be, in that order, so a member built under a
     seed is the network that seed gives; `zero_last` starts every member's output at zero."""
 

@@ -6,9 +6,9 @@ colour path nothing that showed (gallery R@1 fell 2-3 points in 300 steps). With
 the image tower, which reads only the pooled patch features, is refitted from scratch with the symmetric
 InfoNCE loss at batches of 256 (`fit_tower`): about a minute on CPU, and the cross-encoder, text tower and encoder stay
 exactly as trained. On H&M it adds nothing without colour and about 5 points of gallery R@1 with it
-(README, "Colour histograms"). Fitted from 8,908 pairs, one tower's R@1 varies by a point or two with its
+(benchmarks/RESULTS.md, "Colour histograms"). Fitted from 8,908 pairs, one tower's R@1 varies by a point or two with its
 seed; 8 fitted apart and averaged (`TowerFitConfig.towers`) gain about 3 points over a single one
-(README, "Image tower ensemble").
+(benchmarks/RESULTS.md, "Image tower ensemble").
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def fit_text_tower(
     towers, the mirror of `fit_image_tower`: their embeddings of every train photo are at hand, so each
     text of a batch is ranked against all of them, and each batch image against every train text (held
     in a memory, `config.refresh_every`). On H&M 400 steps add 2.6-3.3 points of text-to-image R@1 and
-    0.3-1.0 image-to-text, two seeds (README, "Why re-ranking adds nothing yet").
+    0.3-1.0 image-to-text, two seeds (benchmarks/RESULTS.md, "Why re-ranking adds nothing yet").
 
     token_ids, attention_mask: (n, T) the items' right-padded texts; text_embeddings: (n, E) the text
     tower's of them as it stands (the memory's start, and where the operating point is kept from);
@@ -304,7 +304,7 @@ def info_nce_against_every_text(
     sharing the probability. Identical texts embed alike (to rounding), so an image's copies of its own
     text score as that text does and the image side needs no codes: the same loss as sharing the
     probability among them, without a (B, n) mask. On H&M's 8,908 train items this adds 1-2 points of
-    image-to-text gallery R@1 to an 8-tower ensemble (README, "Image tower ensemble")."""
+    image-to-text gallery R@1 to an 8-tower ensemble (benchmarks/RESULTS.md, "Image tower ensemble")."""
     image_to_text = F.cross_entropy(scale * images @ texts.T, batch)  # (B, n) logits, each row's own text
     in_batch = scale * texts[batch] @ images.T  # (B, B)
     same = (codes[batch][:, None] == codes[batch][None, :]).float()

@@ -1,8 +1,8 @@
 """Other looks at a product photo (mirrored, cropped): more than one image per train item for the image tower.
 
 `fit-image-tower` fits its towers to 8,908 train pairs, and each over-fits them (train loss about 0.2):
-an ensemble of 8 fitted apart gained 3 points (README, "Image tower ensemble"). Reading each item also
-mirrored and cropped raised every R@1 of the recipe's model a little more, by 0.2-2.2 points (README,
+an ensemble of 8 fitted apart gained 3 points (benchmarks/RESULTS.md, "Image tower ensemble"). Reading each item also
+mirrored and cropped raised every R@1 of the recipe's model a little more, by 0.2-2.2 points (benchmarks/RESULTS.md,
 "Augmented views"). A view is
 a transform of the photo before the patch network, so it needs a feature pass of its own (cached like the
 plain one, `FeatureCache(..., view=...)`); only the fit reads views, serving never does. Transforms that
