@@ -2,19 +2,23 @@
 
     python benchmarks/head_learning.py --model runs/hm-listwise/best --data hm:../shared/data/hm
     python benchmarks/head_learning.py ... --items 256 --steps 150 --random-steps 150   # the over-fit check
+    python benchmarks/head_learning.py ... --separate --fusion-layer 0   # a cross-encoder of its own
 
 Trains the cross-encoder's head alone (the alignment logit without the towers' cosine term, see
 `FashionBert.alignment_head_logits`) with a listwise loss in both directions: each text against its own
 image and `candidates - 1` false images, each image against its own text and false texts. The false items
 are drawn uniformly from the train split for the first `random_steps`, then a `hard_fraction` of them from
 each item's 30 nearest by tower cosine (the confusions re-ranking meets). The towers keep their in-batch
-contrastive loss, since the text tower shares the encoder.
+contrastive loss, since the text tower shares the encoder. With `--separate` the cross-encoder is a copy of its
+own: the towers' embeddings are taken once from the checkpoint and stay fixed (what serving two encoders
+would give), and the copy trains on the listwise loss alone, from `--fusion-layer` up jointly.
 
 Every `eval_every` steps, on validation items it prints:
 - `block10`: mean rank of an item's partner among 10 random items by the head alone (chance 5.5): can the
   head match at all?
 - for each direction, R@1 over the validation gallery when the towers' top `top_k` are re-ordered by
   head + w x cosine, for a range of w (w = 0: the head alone; `emb`: the towers alone): does it add to them?
+With `--check-train` the same on as many trained-on items: does the head fit them, or fail to generalise?
 """
 
 from __future__ import annotations
@@ -53,6 +57,25 @@ class HeadLearning:
         self.train_codes, self.val_codes = text_codes(self.train), text_codes(self.val)
         n = len(self.train)
         self.items = np.arange(n) if args.items is None else self.rng.choice(n, args.items, replace=False)
+        # The checkpoint's towers, before any training: the recall towers for good when the cross-encoder
+        # is separate.
+        self.train_embeddings = self.encode(self.train_tokens, self.train_patches)
+        self.val_embeddings = self.encode(self.val_tokens, self.val_patches)
+        # With --check-train, as many trained-on items as validation has, ranked among themselves.
+        self.train_check = self.rng.choice(self.items, min(len(self.val), len(self.items)), replace=False)
+        if args.fusion_layer is not None:
+            self.model.config.fusion_layer = args.fusion_layer
+            self.model.check_fusion_layer()
+
+    def encode(self, tokens: list[list[int]], patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The model's tower embeddings now: (texts, images)."""
+        return self.inference.encode_token_ids(tokens), self.inference.encode_images(patches)
+
+    def towers(
+        self, tokens: list[list[int]], patches: np.ndarray, frozen: tuple[np.ndarray, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The recall towers' (texts, images) embeddings: the checkpoint's when the cross-encoder is separate."""
+        return frozen if self.args.separate else self.encode(tokens, patches)
 
     def head(self, token_ids: list[list[int]], patches: np.ndarray) -> torch.Tensor:
         """The head of the joint pass alone: (P,) logits of the pairs (token_ids[i], patches[i])."""
@@ -62,11 +85,31 @@ class HeadLearning:
             pooled = model.pool_patches(torch.from_numpy(np.asarray(patches, np.float32)))
             return model.alignment_head_logits(model.joint_hidden(ids, mask, pooled), mask).float()
 
-    @torch.no_grad()
     def evaluate(self, tag: str) -> None:
+        """The checks on the validation items, and with --check-train on trained-on ones too."""
         self.model.eval()
+        self.evaluate_split(
+            f"{tag} validation", self.val_tokens, self.val_patches, self.val_codes, self.val_embeddings
+        )
+        if self.args.check_train:
+            check = self.train_check
+            frozen = (self.train_embeddings[0][check], self.train_embeddings[1][check])
+            tokens = [self.train_tokens[i] for i in check]
+            self.evaluate_split(
+                f"{tag} train", tokens, self.train_patches[check], self.train_codes[check], frozen
+            )
+        self.model.train()
+
+    @torch.no_grad()
+    def evaluate_split(
+        self,
+        tag: str,
+        tokens: list[list[int]],
+        patches: np.ndarray,
+        codes: np.ndarray,
+        frozen: tuple[np.ndarray, np.ndarray],
+    ) -> None:
         args, rng = self.args, np.random.default_rng(1)
-        tokens, patches, codes = self.val_tokens, self.val_patches, self.val_codes
         # block10: partner rank among 10 random validation items, head alone.
         ranks = []
         for _ in range(25):
@@ -76,8 +119,7 @@ class HeadLearning:
             ranks.extend(partner_ranks(scores))
         line = [f"{tag}: block10 rank {np.mean(ranks):.2f} (chance 5.5)"]
         # Gallery R@1 when the towers' top K are re-ordered by head + w x cosine.
-        texts = self.inference.encode_token_ids(tokens)
-        images = self.inference.encode_images(patches)
+        texts, images = self.towers(tokens, patches, frozen)
         queries = rng.choice(len(tokens), min(args.queries, len(tokens)), replace=False)
         for direction in ("t2i", "i2t"):
             hits = dict.fromkeys(("emb", *WEIGHTS), 0)
@@ -99,7 +141,6 @@ class HeadLearning:
             )
             line.append(f"  {direction} R@1 (top {args.top_k}): {cells}")
         print("\n".join(line), flush=True)
-        self.model.train()
 
     def false_items(self, item: int, neighbours: torch.Tensor, hard: bool) -> list[int]:
         """`candidates - 1` other items with a text different from `item`'s."""
@@ -118,12 +159,7 @@ class HeadLearning:
         args, model, rng = self.args, self.model, self.rng
         tokens, patches = self.train_tokens, self.train_patches
         self.evaluate("before")
-        t2i, i2t = mine_neighbours(
-            self.inference.encode_token_ids(tokens),
-            self.inference.encode_images(patches),
-            self.train_codes,
-            30,
-        )
+        t2i, i2t = mine_neighbours(*self.towers(tokens, patches, self.train_embeddings), self.train_codes, 30)
         model.train()
         encoder = list(model.bert.parameters())
         encoder_ids = {id(p) for p in encoder}
@@ -149,16 +185,13 @@ class HeadLearning:
                     image_of.append(i)
             logits = self.head([tokens[i] for i in text_of], patches[image_of]).reshape(-1, args.candidates)
             alignment = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long))
-            towers = rng.choice(self.items, min(32, len(self.items)), replace=False)
-            ids, mask = self.inference.pad([tokens[i] for i in towers])
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                text_embeddings = model.encode_text(ids, mask)
-                image_embeddings = model.encode_image(torch.from_numpy(patches[towers].astype(np.float32)))
-            contrastive = contrastive_loss(
-                text_embeddings, image_embeddings, model.logit_scale.exp().clamp(max=100)
-            )
             optimizer.zero_grad()
-            (alignment + contrastive).backward()
+            if args.separate:  # the towers are not this model's: the listwise loss alone
+                alignment.backward()
+                contrastive = torch.zeros(())
+            else:
+                contrastive = self.contrastive(rng)
+                (alignment + contrastive).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             if step % 25 == 0:
@@ -173,6 +206,17 @@ class HeadLearning:
                     model.eval()
                     save_checkpoint(model, self.inference.tokenizer, args.out, {"head_learning": vars(args)})
                     model.train()
+
+    def contrastive(self, rng: np.random.Generator) -> torch.Tensor:
+        """The towers' in-batch contrastive loss on 32 random items, which keeps them up when they share the
+        encoder with the joint pass."""
+        model, tokens, patches = self.model, self.train_tokens, self.train_patches
+        towers = rng.choice(self.items, min(32, len(self.items)), replace=False)
+        ids, mask = self.inference.pad([tokens[i] for i in towers])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            text_embeddings = model.encode_text(ids, mask)
+            image_embeddings = model.encode_image(torch.from_numpy(patches[towers].astype(np.float32)))
+        return contrastive_loss(text_embeddings, image_embeddings, model.logit_scale.exp().clamp(max=100))
 
 
 def main() -> None:
@@ -195,6 +239,15 @@ def main() -> None:
     )
     parser.add_argument("--queries", type=int, default=300, help="validation queries per direction")
     parser.add_argument("--out", default=None, help="save the trained model here after each evaluation")
+    parser.add_argument(
+        "--separate", action="store_true", help="a cross-encoder of its own: the towers stay as loaded"
+    )
+    parser.add_argument(
+        "--fusion-layer", type=int, default=None, help="joint from this layer up (default: the checkpoint's)"
+    )
+    parser.add_argument(
+        "--check-train", action="store_true", help="also check on trained-on items: fitting or generalising?"
+    )
     parser.add_argument("--seed", type=int, default=0)
     HeadLearning(parser.parse_args()).run()
 
