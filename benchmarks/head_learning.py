@@ -57,12 +57,14 @@ class HeadLearning:
         self.train_codes, self.val_codes = text_codes(self.train), text_codes(self.val)
         n = len(self.train)
         self.items = np.arange(n) if args.items is None else self.rng.choice(n, args.items, replace=False)
-        # The checkpoint's towers, before any training: the recall towers for good when the cross-encoder
-        # is separate.
-        self.train_embeddings = self.encode(self.train_tokens, self.train_patches)
-        self.val_embeddings = self.encode(self.val_tokens, self.val_patches)
-        # With --check-train, as many trained-on items as validation has, ranked among themselves.
-        self.train_check = self.rng.choice(self.items, min(len(self.val), len(self.items)), replace=False)
+        # A separate cross-encoder's recall towers are the checkpoint's for good: (texts, images) taken once.
+        # Otherwise (None) they move with the shared encoder and are encoded afresh wherever needed.
+        self.train_embeddings = self.val_embeddings = None
+        if args.separate:
+            self.train_embeddings = self.encode(self.train_tokens, self.train_patches)
+            self.val_embeddings = self.encode(self.val_tokens, self.val_patches)
+        if args.check_train:  # as many trained-on items as validation has, ranked among themselves
+            self.train_check = self.rng.choice(self.items, min(len(self.val), len(self.items)), replace=False)
         if args.fusion_layer is not None:
             self.model.config.fusion_layer = args.fusion_layer
             self.model.check_fusion_layer()
@@ -72,10 +74,10 @@ class HeadLearning:
         return self.inference.encode_token_ids(tokens), self.inference.encode_images(patches)
 
     def towers(
-        self, tokens: list[list[int]], patches: np.ndarray, frozen: tuple[np.ndarray, np.ndarray]
+        self, tokens: list[list[int]], patches: np.ndarray, frozen: tuple[np.ndarray, np.ndarray] | None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The recall towers' (texts, images) embeddings: the checkpoint's when the cross-encoder is separate."""
-        return frozen if self.args.separate else self.encode(tokens, patches)
+        """The recall towers' (texts, images) embeddings: the frozen ones of a separate cross-encoder."""
+        return self.encode(tokens, patches) if frozen is None else frozen
 
     def head(self, token_ids: list[list[int]], patches: np.ndarray) -> torch.Tensor:
         """The head of the joint pass alone: (P,) logits of the pairs (token_ids[i], patches[i])."""
@@ -93,7 +95,7 @@ class HeadLearning:
         )
         if self.args.check_train:
             check = self.train_check
-            frozen = (self.train_embeddings[0][check], self.train_embeddings[1][check])
+            frozen = None if self.train_embeddings is None else tuple(e[check] for e in self.train_embeddings)
             tokens = [self.train_tokens[i] for i in check]
             self.evaluate_split(
                 f"{tag} train", tokens, self.train_patches[check], self.train_codes[check], frozen
@@ -107,10 +109,10 @@ class HeadLearning:
         tokens: list[list[int]],
         patches: np.ndarray,
         codes: np.ndarray,
-        frozen: tuple[np.ndarray, np.ndarray],
+        frozen: tuple[np.ndarray, np.ndarray] | None,
     ) -> None:
         args, rng = self.args, np.random.default_rng(1)
-        # block10: partner rank among 10 random validation items, head alone.
+        # block10: partner rank among 10 random items of the split, head alone.
         ranks = []
         for _ in range(25):
             block = rng.choice(len(tokens), 10, replace=False)
