@@ -10,7 +10,9 @@ per image (its feature maps are cached under `--trunk-cache`); the blocks from `
 path on the image's colour histogram) are fitted to the locked text tower of `--model` with the symmetric
 InfoNCE loss of `fashionbert fit-image-tower`. `--cnn-lr 0` is the baseline in the same code path: the
 top stays as pretrained and only the tower is fitted (what `fit-image-tower` does). Prints the gallery
-R@1 / R@10 of `fashionbert eval`'s 1,000 validation queries every `--eval-every` steps.
+R@1 / R@10 of `fashionbert eval`'s 1,000 validation queries every `--eval-every` steps. `--trunk-pool` asks
+whether the frozen network holds more than its last layer gives: the tower also reads the trunk's map
+(entering `--first-block`) pooled by mean and max, beside the head's pooled features.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch import nn
 
 from model.catalogue import Catalogue
 from model.evaluation import draw_queries, text_codes
-from model.fashionbert import colour_path
+from model.fashionbert import colour_path, mlp
 from model.inference import FashionBertInference
 from model.patch_features import PatchFeatureConfig, PatchFeatureExtractor, get_backbone
 from model.tower_fit import TowerFitConfig, fit_tower
@@ -38,8 +40,11 @@ class TunedTower(nn.Module):
     """Trunk feature map -> the network's blocks from `first_block` on and head -> pooled -> MLP, plus the
     colour path on the image's mean colour histogram. BatchNorm keeps its ImageNet statistics (eval mode)."""
 
-    def __init__(self, net: nn.Module, first_block: int, mlp: nn.Sequential, colour_dim: int):
+    def __init__(
+        self, net: nn.Module, first_block: int, mlp: nn.Sequential, colour_dim: int, trunk_pool: bool = False
+    ):
         super().__init__()
+        self.trunk_pool = trunk_pool
         self.blocks = nn.ModuleList(net._blocks[first_block:])
         self.head = nn.Sequential(net._conv_head, net._bn1, net._swish)
         self.mlp = mlp
@@ -58,7 +63,10 @@ class TunedTower(nn.Module):
         x = maps
         for block in self.blocks:
             x = block(x)
-        return self.head(x).mean((2, 3))  # (B, 1280): the global average pool the model's tower reads
+        pooled = self.head(x).mean((2, 3))  # (B, 1280): the global average pool the model's tower reads
+        if self.trunk_pool:
+            pooled = torch.cat([pooled, maps.mean((2, 3)), maps.amax((2, 3))], dim=1)
+        return pooled
 
     def embed(self, pooled: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
         embedding = self.mlp(pooled)
@@ -116,6 +124,9 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trunk-cache", type=Path, default=None, help="folder for the trunk's feature maps")
+    parser.add_argument(
+        "--trunk-pool", action="store_true", help="the tower also reads the trunk's map, mean and max pooled"
+    )
     args = parser.parse_args()
     torch.manual_seed(args.seed)
 
@@ -153,7 +164,15 @@ def main() -> None:
     backbone = get_backbone(patch_config.backbone)
     net = backbone.build()
     net.load_state_dict(torch.load(extractor.weights_path, map_location="cpu", weights_only=True))
-    tower = TunedTower(net, args.first_block, fresh_tower_mlp(model), patch_config.colour_dim).float()
+    tower_mlp = fresh_tower_mlp(model)
+    if args.trunk_pool:  # the same MLP, widened to read the trunk's channels twice (mean, max) as well
+        extra = 2 * train_maps.shape[1]
+        tower_mlp = mlp(
+            tower_mlp[1].in_features + extra, tower_mlp[1].out_features, tower_mlp[-1].out_features
+        )
+    tower = TunedTower(
+        net, args.first_block, tower_mlp, patch_config.colour_dim, trunk_pool=args.trunk_pool
+    ).float()
     frozen = args.cnn_lr == 0
     if frozen:
         tower.requires_grad_(False)
