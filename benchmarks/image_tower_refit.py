@@ -47,10 +47,11 @@ from model.tower_fit import TowerFitConfig, fit_tower
 from model.training import build_model
 
 
-def fresh_tower_mlp(model: FashionBert) -> nn.Sequential:
-    """A freshly initialised `mlp` of the shape of the model's image tower members (StackedMLP stacks these)."""
+def fresh_tower_mlp(model: FashionBert, extra_inputs: int = 0) -> nn.Sequential:
+    """A freshly initialised `mlp` of the shape of the model's image tower members (StackedMLP stacks these),
+    reading `extra_inputs` more features after the CNN's."""
     cnn_dim, hidden = model.image_towers.projection.weight1.shape[1:]
-    return mlp(cnn_dim, hidden, model.image_towers.projection.weight2.shape[2])
+    return mlp(cnn_dim + extra_inputs, hidden, model.image_towers.projection.weight2.shape[2])
 
 
 class MeanPoolTower(nn.Module):

@@ -30,7 +30,7 @@ from torch import nn
 
 from model.catalogue import Catalogue
 from model.evaluation import draw_queries, text_codes
-from model.fashionbert import colour_path, mlp
+from model.fashionbert import colour_path
 from model.inference import FashionBertInference
 from model.patch_features import PatchFeatureConfig, PatchFeatureExtractor, get_backbone
 from model.tower_fit import TowerFitConfig, fit_tower
@@ -164,12 +164,8 @@ def main() -> None:
     backbone = get_backbone(patch_config.backbone)
     net = backbone.build()
     net.load_state_dict(torch.load(extractor.weights_path, map_location="cpu", weights_only=True))
-    tower_mlp = fresh_tower_mlp(model)
-    if args.trunk_pool:  # the same MLP, widened to read the trunk's channels twice (mean, max) as well
-        extra = 2 * train_maps.shape[1]
-        tower_mlp = mlp(
-            tower_mlp[1].in_features + extra, tower_mlp[1].out_features, tower_mlp[-1].out_features
-        )
+    # With --trunk-pool the MLP also reads the trunk's channels twice (mean, max).
+    tower_mlp = fresh_tower_mlp(model, extra_inputs=2 * train_maps.shape[1] if args.trunk_pool else 0)
     tower = TunedTower(
         net, args.first_block, tower_mlp, patch_config.colour_dim, trunk_pool=args.trunk_pool
     ).float()
