@@ -28,9 +28,12 @@ set -euo pipefail
 DATA="${DATA:-hm:../shared/data/hm}"
 OUT="${OUT:-runs/hm-adaptive-output}"
 BUDGET_MINUTES="${BUDGET_MINUTES:-60}"
-LISTWISE_MINUTES="${LISTWISE_MINUTES:-10.5}"  # 24 before stop 37; the text tower's fit takes 13 since
-# the listwise start-up and end plus the fits: 7.1 min in stop 31 (slow machine), and 13 for TEXT_STEPS=400
-RESERVE_MINUTES="${RESERVE_MINUTES:-21.5}"
+# Since stop 43 the listwise phase is 2 minutes (a few steps: enough to move the fusion layer) and its
+# minutes go to the text tower's fit (TEXT_STEPS=800); before, LISTWISE_MINUTES=10.5 RESERVE_MINUTES=21.5
+# TEXT_STEPS=400 (stop 37), and 24, 8 and 0 before that.
+LISTWISE_MINUTES="${LISTWISE_MINUTES:-2}"
+# the listwise start-up and end plus the fits: 30 minutes for TEXT_STEPS=800 (13 for 400)
+RESERVE_MINUTES="${RESERVE_MINUTES:-30}"
 PRETRAIN_MINUTES="${PRETRAIN_MINUTES:-}"  # default: what is left of BUDGET_MINUTES (below)
 LOSS="${LOSS:-adaptive}"
 ADAPTIVE_SCOPE="${ADAPTIVE_SCOPE:-last_output}"
@@ -41,9 +44,9 @@ IMAGE_SIZE="${IMAGE_SIZE:-256}"
 BACKBONE="${BACKBONE:-efficientnet-lite0}"
 VIEWS="${VIEWS-flip,crop,flipcrop}"  # VIEWS= PRETRAIN_MINUTES=34: the recipe before stop 29
 # TEXT_STEPS trains the text tower against the fitted image towers, then fits them again (`fit-image-tower
-# --text-steps`, 13 minutes for 400 on 2 cores, taken from the listwise phase since stop 37; benchmarks/RESULTS.md
-# "Why re-ranking adds nothing yet"). TEXT_STEPS=0 LISTWISE_MINUTES=24 RESERVE_MINUTES=8: the recipe before.
-TEXT_STEPS="${TEXT_STEPS:-400}"
+# --text-steps`, about 28 minutes for 800 on 2 cores, taken from the listwise phase since stops 37 and 43;
+# benchmarks/RESULTS.md "Why re-ranking adds nothing yet").
+TEXT_STEPS="${TEXT_STEPS:-800}"
 
 case "$LOSS" in
     fixed) weights=(--fixed-weights) ;;
