@@ -10,13 +10,15 @@
 # (the listwise run's start-up, last validation and saving, and the tower fit) are paid; PRETRAIN_MINUTES
 # fixes it instead. The listwise phase then gets at most what the clock leaves before the reserve. Each
 # phase is what benchmarks/RESULTS.md measured in longer runs one at a time; here they share the budget.
-# Extra arguments go to the pre-training.
+# Extra arguments go to the pre-training. PRETRAINED=DIR skips pre-training and runs the later phases from
+# that checkpoint (the listwise phase then gets LISTWISE_MINUTES in full): to compare them on one pre-training.
 #
 #   benchmarks/train_recipe.sh        # runs/hm-adaptive-output: the adaptive loss, fusion layer 5 (the default)
 #   LOSS=fixed OUT=runs/hm-fixed-fusion5 benchmarks/train_recipe.sh  # the default with fixed weights (RESULTS.md)
 #   ADAPTIVE_SCOPE=last_layer OUT=runs/hm-fusion5 benchmarks/train_recipe.sh  # the default before stop 26
 #   ADAPTIVE_SCOPE=last_layer FUSION_LAYER=0 OUT=runs/hm-recipe-adaptive benchmarks/train_recipe.sh  # all joint
 #   LOSS=fixed FUSION_LAYER=0 OUT=runs/hm-recipe benchmarks/train_recipe.sh  # and equal fixed weights
+#   PRETRAINED=runs/hm-text800-recipe/pretrain/best LISTWISE_MINUTES=2.4 OUT=runs/hm-listwise2.4 benchmarks/train_recipe.sh
 # ADAPTIVE_SCOPE picks the shared parameters of the adaptive loss's task gradients (`--adaptive-scope`):
 # last_output, the last layer's feed-forward output block, costs 1.06x a fixed-weights step; last_layer,
 # which the runs before stop 26 used, 1.24x. IMAGE_SIZE letterboxes the photos to another size before
@@ -35,6 +37,7 @@ LISTWISE_MINUTES="${LISTWISE_MINUTES:-2}"
 # the listwise start-up and end plus the fits: 30 minutes for TEXT_STEPS=800 (13 for 400)
 RESERVE_MINUTES="${RESERVE_MINUTES:-30}"
 PRETRAIN_MINUTES="${PRETRAIN_MINUTES:-}"  # default: what is left of BUDGET_MINUTES (below)
+PRETRAINED="${PRETRAINED:-}"  # a pre-trained checkpoint to start the listwise phase from, instead of pre-training
 LOSS="${LOSS:-adaptive}"
 ADAPTIVE_SCOPE="${ADAPTIVE_SCOPE:-last_output}"
 QUERIES="${QUERIES:-1000}"
@@ -53,6 +56,10 @@ case "$LOSS" in
     adaptive) weights=(--adaptive-scope "$ADAPTIVE_SCOPE") ;;
     *) echo "LOSS must be fixed or adaptive, not '$LOSS'" >&2; exit 2 ;;
 esac
+if [[ -n "$PRETRAINED" ]]; then
+    if (( $# > 0 )); then echo "extra arguments go to the pre-training, which PRETRAINED skips" >&2; exit 2; fi
+    [[ -f "$PRETRAINED/config.json" ]] || { echo "PRETRAINED=$PRETRAINED is not a checkpoint folder" >&2; exit 2; }
+fi
 
 fashionbert features --data "$DATA" --image-size "$IMAGE_SIZE" --backbone "$BACKBONE"
 start=$(date +%s)
@@ -62,21 +69,28 @@ minutes_left() {  # what the budget leaves now, once the clock so far and $1 mor
 if [[ -n "$VIEWS" ]]; then  # timed: the view passes are work this recipe adds (none on a warm cache)
     fashionbert features --data "$DATA" --image-size "$IMAGE_SIZE" --backbone "$BACKBONE" --views "$VIEWS"
 fi
-if [[ -z "$PRETRAIN_MINUTES" ]]; then  # what the budget leaves once the views, the fine-tune and the fit are paid
-    PRETRAIN_MINUTES=$(minutes_left "$LISTWISE_MINUTES + $RESERVE_MINUTES")
+if [[ -n "$PRETRAINED" ]]; then
+    echo "starting from $PRETRAINED, no pre-training"
+    timed="listwise and fits"
+else
+    if [[ -z "$PRETRAIN_MINUTES" ]]; then  # what the budget leaves once the views, the fine-tune and the fit are paid
+        PRETRAIN_MINUTES=$(minutes_left "$LISTWISE_MINUTES + $RESERVE_MINUTES")
+    fi
+    echo "pre-training for $PRETRAIN_MINUTES minutes"
+    fashionbert train --data "$DATA" --out "$OUT/pretrain" --budget-minutes "$PRETRAIN_MINUTES" "${weights[@]}" \
+        --image-size "$IMAGE_SIZE" --backbone "$BACKBONE" "$@"
+    PRETRAINED="$OUT/pretrain/best"
+    timed="training"
 fi
-echo "pre-training for $PRETRAIN_MINUTES minutes"
-fashionbert train --data "$DATA" --out "$OUT/pretrain" --budget-minutes "$PRETRAIN_MINUTES" "${weights[@]}" \
-    --image-size "$IMAGE_SIZE" --backbone "$BACKBONE" "$@"
 # The listwise phase absorbs what pre-training overran (its last validation and saving), so the budget holds.
 LISTWISE_MINUTES=$(python -c "print(min($LISTWISE_MINUTES, $(minutes_left "$RESERVE_MINUTES")))")
 echo "listwise fine-tune for $LISTWISE_MINUTES minutes"
 fashionbert train --data "$DATA" --out "$OUT/listwise" --budget-minutes "$LISTWISE_MINUTES" "${weights[@]}" \
-    --init "$OUT/pretrain/best" --fusion-layer "$FUSION_LAYER" --tasks alignment,contrastive --listwise --mine-top-k 30 --negatives-per-item 4 \
+    --init "$PRETRAINED" --fusion-layer "$FUSION_LAYER" --tasks alignment,contrastive --listwise --mine-top-k 30 --negatives-per-item 4 \
     --mine-every 150 --batch-size 24 --lr 5e-5 --warmup-steps 20 --validate-every 100
 fashionbert fit-image-tower --model "$OUT/listwise/best" --data "$DATA" --out "$OUT/best" --views "$VIEWS" \
     --text-steps "$TEXT_STEPS"
 elapsed=$(( $(date +%s) - start ))
-echo "training wall time, three phases: $(( elapsed / 60 )) min $(( elapsed % 60 )) s"
+echo "$timed wall time: $(( elapsed / 60 )) min $(( elapsed % 60 )) s"
 fashionbert eval --model "$OUT/best" --data "$DATA" --queries "$QUERIES" --recall-k "$RERANK_K" \
     --report "$OUT/eval.json"
