@@ -908,6 +908,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not isinstance(error, DeviceUnavailableError):
             raise
         raise SystemExit(f"error: {error}") from error  # --device cuda on a machine without one
+    except ValueError as error:
+        from model.checkpoint import CheckpointError
+
+        if not isinstance(error, CheckpointError):
+            raise
+        raise SystemExit(
+            f"error: {error}"
+        ) from error  # --model or --init names a folder that is not a checkpoint
     except ImportError as error:
         from model.patch_features import MissingWeightsError  # already imported if it raised one
 

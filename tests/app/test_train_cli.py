@@ -82,3 +82,21 @@ def test_cuda_asked_for_on_a_machine_without_it_is_a_one_line_error(
         args += ["--out", str(tmp_path / "fitted")]
     with pytest.raises(SystemExit, match=r"^error: device 'cuda' requested but CUDA is not available"):
         main([*args, "--device", "cuda"])
+
+
+@pytest.mark.parametrize("command", ["train", "fit-image-tower", "eval"])
+def test_a_folder_that_is_not_a_checkpoint_is_a_one_line_error(
+    command: str, shared_data: Path, tmp_path: Path
+) -> None:
+    """`train --init` and the `--model` of the later commands load through `load_checkpoint`: its refusal is
+    the message, not a traceback (benchmarks/train_recipe.sh's PRETRAINED relies on it)."""
+    absent = tmp_path / "absent"
+    args = [command, "--data", f"hm:{shared_data / 'hm'}", "--limit", "8", "--cache", str(tmp_path)]
+    if command == "train":
+        args += ["--out", str(tmp_path / "run"), "--init", str(absent), "--steps", "1"]
+    else:
+        args += ["--model", str(absent)]
+    if command == "fit-image-tower":
+        args += ["--out", str(tmp_path / "fitted")]
+    with pytest.raises(SystemExit, match=f"^error: {absent}: no such checkpoint folder"):
+        main(args)
