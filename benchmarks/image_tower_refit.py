@@ -17,7 +17,9 @@ can weigh the garment over the background. Fitting costs seconds, not a training
 tower does not move. Equal figures say the frozen patch network's features, not the pooling,
 bound recall. `--colour` adds a third tower: the mean path plus the model's colour path (model/colour.py)
 on the image's colour histogram, read from the colour extractor's cache (`fashionbert features --data
-SPEC` fills it); the other towers see the same CNN features as before. `--ensemble` also prints, after
+SPEC` fills it); the other towers see the same CNN features as before. `--towers bands --bands K` adds to the
+colour tower a layout path on the grid's rows averaged into K horizontal bands (where a feature sits, which the
+mean forgets; benchmarks/RESULTS.md, "Where a feature sits"). `--ensemble` also prints, after
 each seed, the figures of the embeddings averaged over that tower's seeds so far (what `fashionbert
 fit-image-tower --towers K` serves), and `--scale` sets the InfoNCE temperature (`fit-image-tower` uses the
 model's own):
@@ -54,6 +56,11 @@ def fresh_tower_mlp(model: FashionBert, extra_inputs: int = 0) -> nn.Sequential:
     return mlp(cnn_dim + extra_inputs, hidden, model.image_towers.projection.weight2.shape[2])
 
 
+def fresh_mlp_like(like: nn.Sequential, in_dim: int) -> nn.Sequential:
+    """A freshly initialised `mlp` with `like`'s hidden and output widths, reading `in_dim` features."""
+    return mlp(in_dim, like[1].out_features, like[-1].out_features)
+
+
 class MeanPoolTower(nn.Module):
     """The model's own image tower (`FashionBert.encode_image`): mean of the grid, then a freshly initialised
     MLP of the shape of its members (`fresh_tower_mlp`)."""
@@ -80,6 +87,25 @@ class ColourTower(MeanPoolTower):
 
     def embed(self, pooled: torch.Tensor) -> torch.Tensor:
         return super().embed(pooled) + self.colour(pooled[:, self.cnn_dim :])
+
+
+class BandsTower(ColourTower):
+    """The colour tower plus a layout path: the patch grid's rows averaged into `bands` horizontal bands,
+    concatenated, through an MLP of the members' shape, added to the output. The mean forgets where a feature
+    sits; a band keeps whether it is at the neckline or the hem, which tells a cropped top from a long one."""
+
+    def __init__(self, mlp: nn.Sequential, colour_dim: int, bands: int, grid: int):
+        super().__init__(mlp, colour_dim)
+        if grid % bands:
+            raise SystemExit(f"error: --bands {bands} must divide the patch grid's {grid} rows")
+        self.bands, self.grid = bands, grid
+        self.layout = fresh_mlp_like(mlp, bands * self.cnn_dim)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        batch = len(patches)
+        rows = patches[..., : self.cnn_dim].reshape(batch, self.grid, self.grid, self.cnn_dim).mean(2)
+        bands = rows.reshape(batch, self.bands, self.grid // self.bands, self.cnn_dim).mean(2)
+        return F.normalize(self.embed(patches.mean(1)) + self.layout(bands.flatten(1)), dim=-1)
 
 
 class AttentionPoolTower(nn.Module):
@@ -163,7 +189,12 @@ def main() -> None:
         "--seeds", default="0", help="comma-separated seeds: each tower is fitted once per seed"
     )
     parser.add_argument(
-        "--towers", default="mean,attention", help="comma-separated subset of mean, attention, colour"
+        "--towers",
+        default="mean,attention",
+        help="comma-separated subset of mean, attention, colour, bands",
+    )
+    parser.add_argument(
+        "--bands", type=int, default=4, help="the bands tower's horizontal bands (a divisor of the grid)"
     )
     parser.add_argument(
         "--colour", action="store_true", help="read colour histograms too (needed by the colour tower)"
@@ -224,11 +255,17 @@ def main() -> None:
             "mean pool + colour histogram, fitted",
             lambda: ColourTower(fresh_tower_mlp(model), patch_config.colour_dim),
         ),
+        "bands": (
+            f"mean pool + colour histogram + {args.bands} horizontal bands, fitted",
+            lambda: BandsTower(
+                fresh_tower_mlp(model), patch_config.colour_dim, args.bands, patch_config.grid
+            ),
+        ),
     }
     for key in args.towers.split(","):
         name, build = towers[key]
-        if key == "colour" and not args.colour:
-            raise SystemExit("error: the colour tower needs --colour")
+        if key in ("colour", "bands") and not args.colour:
+            raise SystemExit(f"error: the {key} tower needs --colour")
         members: list[np.ndarray] = []
         for seed in (int(seed) for seed in args.seeds.split(",")):
             torch.manual_seed(seed)
