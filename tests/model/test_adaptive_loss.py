@@ -93,7 +93,7 @@ def test_adaptive_loss_uses_gradients_of_shared_parameters() -> None:
     assert set(weighted.weights) == {"a", "b"}
     assert abs(sum(weighted.weights.values()) - 1) < 1e-9
     expected_total = sum(weighted.weights[n] * float(v.detach()) for n, v in losses.items())
-    assert float(weighted.total) == pytest.approx(expected_total, rel=1e-5)
+    assert float(weighted.total.detach()) == pytest.approx(expected_total, rel=1e-5)
 
 
 def test_fixed_weights_ablation_is_equal() -> None:
