@@ -902,27 +902,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.handler(args)
-    except RuntimeError as error:
-        from model.inference import DeviceUnavailableError  # already imported if it raised one
-
-        if not isinstance(error, DeviceUnavailableError):
+    except (RuntimeError, ValueError, ImportError) as error:  # the bases of the three below
+        if not _mended_by_the_user(error):
             raise
-        raise SystemExit(f"error: {error}") from error  # --device cuda on a machine without one
-    except ValueError as error:
-        from model.checkpoint import CheckpointError
-
-        if not isinstance(error, CheckpointError):
-            raise
-        raise SystemExit(
-            f"error: {error}"
-        ) from error  # --model or --init names a folder that is not a checkpoint
-    except ImportError as error:
-        from model.patch_features import MissingWeightsError  # already imported if it raised one
-
-        if not isinstance(error, MissingWeightsError):
-            raise
-        # e.g. --backbone efficientnet-lite2 without the `backbones` extra: an install step, said in one line
         raise SystemExit(f"error: {error}") from error
+
+
+def _mended_by_the_user(error: Exception) -> bool:
+    """Errors the user mends by changing the command or the install, said in one line instead of a traceback:
+    --device cuda on a machine without one, a --model or --init folder that is not a checkpoint, a backbone
+    (e.g. efficientnet-lite2) whose weights package is not installed (the `backbones` extra). Imported here,
+    not at start-up: a command that fails this way has loaded them already."""
+    from model.checkpoint import CheckpointError
+    from model.inference import DeviceUnavailableError
+    from model.patch_features import MissingWeightsError
+
+    return isinstance(error, (CheckpointError, DeviceUnavailableError, MissingWeightsError))
 
 
 if __name__ == "__main__":
