@@ -56,11 +56,6 @@ def fresh_tower_mlp(model: FashionBert, extra_inputs: int = 0) -> nn.Sequential:
     return mlp(cnn_dim + extra_inputs, hidden, model.image_towers.projection.weight2.shape[2])
 
 
-def fresh_mlp_like(like: nn.Sequential, in_dim: int) -> nn.Sequential:
-    """A freshly initialised `mlp` with `like`'s hidden and output widths, reading `in_dim` features."""
-    return mlp(in_dim, like[1].out_features, like[-1].out_features)
-
-
 class MeanPoolTower(nn.Module):
     """The model's own image tower (`FashionBert.encode_image`): mean of the grid, then a freshly initialised
     MLP of the shape of its members (`fresh_tower_mlp`)."""
@@ -94,12 +89,12 @@ class BandsTower(ColourTower):
     concatenated, through an MLP of the members' shape, added to the output. The mean forgets where a feature
     sits; a band keeps whether it is at the neckline or the hem, which tells a cropped top from a long one."""
 
-    def __init__(self, mlp: nn.Sequential, colour_dim: int, bands: int, grid: int):
-        super().__init__(mlp, colour_dim)
+    def __init__(self, mean_mlp: nn.Sequential, colour_dim: int, bands: int, grid: int):
+        super().__init__(mean_mlp, colour_dim)
         if grid % bands:
             raise SystemExit(f"error: --bands {bands} must divide the patch grid's {grid} rows")
         self.bands, self.grid = bands, grid
-        self.layout = fresh_mlp_like(mlp, bands * self.cnn_dim)
+        self.layout = mlp(bands * self.cnn_dim, mean_mlp[1].out_features, mean_mlp[-1].out_features)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         batch = len(patches)
