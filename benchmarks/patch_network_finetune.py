@@ -10,7 +10,9 @@ per image (its feature maps are cached under `--trunk-cache`); the blocks from `
 path on the image's colour histogram) are fitted to the locked text tower of `--model` with the symmetric
 InfoNCE loss of `fashionbert fit-image-tower`. `--cnn-lr 0` is the baseline in the same code path: the
 top stays as pretrained and only the tower is fitted (what `fit-image-tower` does). Prints the gallery
-R@1 / R@10 of `fashionbert eval`'s 1,000 validation queries every `--eval-every` steps. `--trunk-pool` asks
+R@1 / R@10 of `fashionbert eval`'s 1,000 validation queries every `--eval-every` steps; with several
+`--seeds`, one tower (and top) is fitted per seed and the ensemble of their averaged embeddings is measured
+too, as the model serves its image towers. `--trunk-pool` asks
 whether the frozen network holds more than its last layer gives: the tower also reads the trunk's map
 (entering `--first-block`) pooled by mean and max, beside the head's pooled features.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -122,13 +125,14 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=25.0, help="InfoNCE logit scale (the model's is 24.9)")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--eval-every", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds", default="0", help="comma-separated seeds: one fit each, then their embeddings averaged"
+    )
     parser.add_argument("--trunk-cache", type=Path, default=None, help="folder for the trunk's feature maps")
     parser.add_argument(
         "--trunk-pool", action="store_true", help="the tower also reads the trunk's map, mean and max pooled"
     )
     args = parser.parse_args()
-    torch.manual_seed(args.seed)
 
     inference = FashionBertInference.from_checkpoint(args.model, device="cpu")
     model = inference.model
@@ -161,51 +165,89 @@ def main() -> None:
     )
     print(f"trunk maps: train {tuple(train_maps.shape)}, validation {tuple(val_maps.shape)}", flush=True)
 
+    @torch.no_grad()
+    def val_embeddings(tower: TunedTower) -> np.ndarray:
+        pooled = pooled_all(tower, val_maps)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return tower.embed(pooled, val_colour).float().numpy()
+
+    def gallery(images: np.ndarray) -> str:
+        return gallery_recalls(images, val_texts, val_codes, queries)
+
     backbone = get_backbone(patch_config.backbone)
-    net = backbone.build()
-    net.load_state_dict(torch.load(extractor.weights_path, map_location="cpu", weights_only=True))
-    # With --trunk-pool the MLP also reads the trunk's channels twice (mean, max).
-    tower_mlp = fresh_tower_mlp(model, extra_inputs=2 * train_maps.shape[1] if args.trunk_pool else 0)
-    tower = TunedTower(
-        net, args.first_block, tower_mlp, patch_config.colour_dim, trunk_pool=args.trunk_pool
-    ).float()
+    members: list[np.ndarray] = []
+    for seed in (int(seed) for seed in args.seeds.split(",")):
+        torch.manual_seed(seed)
+        net = backbone.build()  # each seed tunes its own copy of the network's top
+        net.load_state_dict(torch.load(extractor.weights_path, map_location="cpu", weights_only=True))
+        # With --trunk-pool the MLP also reads the trunk's channels twice (mean, max).
+        tower_mlp = fresh_tower_mlp(model, extra_inputs=2 * train_maps.shape[1] if args.trunk_pool else 0)
+        tower = TunedTower(
+            net, args.first_block, tower_mlp, patch_config.colour_dim, trunk_pool=args.trunk_pool
+        ).float()
+        print(f"seed {seed}:", flush=True)
+        fit(
+            tower,
+            train_maps,
+            train_colour,
+            train_texts,
+            train_codes,
+            args,
+            seed,
+            lambda tower: gallery(val_embeddings(tower)),
+        )
+        members.append(val_embeddings(tower))
+        if len(members) > 1:
+            averaged = F.normalize(torch.from_numpy(np.mean(members, 0)), dim=-1).numpy()
+            print(f"ensemble of {len(members)}: {gallery(averaged)}", flush=True)
+
+
+def fit(
+    tower: TunedTower,
+    train_maps: torch.Tensor,
+    train_colour: torch.Tensor,
+    train_texts: torch.Tensor,
+    train_codes: torch.Tensor,
+    args: argparse.Namespace,
+    seed: int,
+    report: Callable[[TunedTower], str],
+) -> None:
+    """Fit `tower` to the locked text tower's `train_texts`; the network's top too unless `--cnn-lr 0`."""
     frozen = args.cnn_lr == 0
     if frozen:
         tower.requires_grad_(False)
     head_params = [*tower.mlp.parameters(), *(tower.colour.parameters() if tower.colour else [])]
     for p in head_params:
         p.requires_grad_(True)
-
-    @torch.no_grad()
-    def pooled_all(maps: torch.Tensor) -> torch.Tensor:
-        tower.eval()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return torch.cat(
-                [tower.pooled(maps[i : i + 256].float()).float() for i in range(0, len(maps), 256)]
-            )
-
-    train_pooled = pooled_all(train_maps) if frozen else None
-
-    @torch.no_grad()
-    def gallery() -> str:
-        tower.eval()
-        pooled = pooled_all(val_maps)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            images = tower.embed(pooled, val_colour).float().numpy()
-        return gallery_recalls(images, val_texts, val_codes, queries)
+    train_pooled = pooled_all(tower, train_maps) if frozen else None
 
     def embed(batch: torch.Tensor) -> torch.Tensor:
-        tower.train()  # `gallery` leaves it in eval mode
+        tower.train()  # `report` leaves it in eval mode
         pooled = train_pooled[batch] if frozen else tower.pooled(train_maps[batch].float())
         return tower.embed(pooled, train_colour[batch])
 
     groups = [{"params": head_params, "lr": args.lr, "weight_decay": 0.05}]
     if not frozen:
         groups.append({"params": tower.cnn_parameters(), "lr": args.cnn_lr, "weight_decay": 0.0})
-    config = TowerFitConfig(
-        steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed
+    config = TowerFitConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=seed)
+    fit_tower(
+        embed,
+        groups,
+        train_texts,
+        train_codes,
+        args.scale,
+        config,
+        args.eval_every,
+        report=lambda: report(tower),
     )
-    fit_tower(embed, groups, train_texts, train_codes, args.scale, config, args.eval_every, report=gallery)
+
+
+@torch.no_grad()
+def pooled_all(tower: TunedTower, maps: torch.Tensor) -> torch.Tensor:
+    """(n, D) pooled features of (n, C, h, w) trunk maps through the tower's network top."""
+    tower.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return torch.cat([tower.pooled(maps[i : i + 256].float()).float() for i in range(0, len(maps), 256)])
 
 
 if __name__ == "__main__":
