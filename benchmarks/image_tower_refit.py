@@ -162,6 +162,12 @@ def gallery_recalls(images: np.ndarray, texts: np.ndarray, codes: np.ndarray, qu
     return ", ".join(cells)
 
 
+def ensemble_embeddings(members: list[np.ndarray]) -> np.ndarray:
+    """The members' (n, E) embeddings averaged and L2-normalised again: what an ensemble of image towers
+    serves (`fit-image-tower --towers K`)."""
+    return F.normalize(torch.from_numpy(np.mean(members, 0)), dim=-1).numpy()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     model_source = parser.add_mutually_exclusive_group(required=True)
@@ -271,8 +277,9 @@ def main() -> None:
             members.append(embed(tower, val_patches))
             print(f"{name}, seed {seed}: {gallery(members[-1])}", flush=True)
             if args.ensemble:
-                averaged = F.normalize(torch.from_numpy(np.mean(members, 0)), dim=-1).numpy()
-                print(f"{name}, ensemble of {len(members)}: {gallery(averaged)}", flush=True)
+                print(
+                    f"{name}, ensemble of {len(members)}: {gallery(ensemble_embeddings(members))}", flush=True
+                )
 
 
 if __name__ == "__main__":

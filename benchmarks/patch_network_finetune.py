@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from image_tower_refit import fresh_tower_mlp, gallery_recalls
+from image_tower_refit import ensemble_embeddings, fresh_tower_mlp, gallery_recalls
 from rerank_fusion import load_split
 from torch import nn
 
@@ -198,8 +198,7 @@ def main() -> None:
         )
         members.append(val_embeddings(tower))
         if len(members) > 1:
-            averaged = F.normalize(torch.from_numpy(np.mean(members, 0)), dim=-1).numpy()
-            print(f"ensemble of {len(members)}: {gallery(averaged)}", flush=True)
+            print(f"ensemble of {len(members)}: {gallery(ensemble_embeddings(members))}", flush=True)
 
 
 def fit(
