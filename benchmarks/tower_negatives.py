@@ -97,12 +97,22 @@ class FitSplits:
             inference, train, train_features, views, val, val_features, TowerMeasure(val, args.queries)
         )
 
-    def refit(self, train_texts: np.ndarray, config: TowerFitConfig) -> np.ndarray:
+    def refit(
+        self,
+        train_texts: np.ndarray,
+        config: TowerFitConfig,
+        features: np.ndarray | None = None,
+        views: list[np.ndarray] | None = None,
+        codes: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Fit a copy of the checkpoint's image towers to `train_texts` as `fashionbert fit-image-tower`
-        does (the photos and their views); the validation photos' embeddings under the new towers."""
+        does (the photos and their views); the validation photos' embeddings under the new towers.
+        `features`, `views` and `codes` stand in for the train split's, to fit on other pairs."""
         model = copy.deepcopy(self.inference.model)
-        codes = text_codes(self.train)
-        fit_image_tower(model, train_texts, self.train_features, codes, config, log_every=0, views=self.views)
+        features = self.train_features if features is None else features
+        views = self.views if views is None else views
+        codes = text_codes(self.train) if codes is None else codes
+        fit_image_tower(model, train_texts, features, codes, config, log_every=0, views=views)
         return FashionBertInference(model, self.inference.tokenizer, device="cpu").encode_images(
             self.val_features
         )
