@@ -3,15 +3,15 @@
     python benchmarks/extra_pairs.py --model runs/hm-listwise3-recipe/best --data hm:../shared/data/hm \
         --extra myntra:../shared/data/myntra
 
-The image towers overfit H&M's 8,908 train pairs (among 1,059 of them they put the partner first 93-95% of
-the time, among as many unseen items 54-56%): more pairs are the textbook cure, and Myntra has 39,639 (a six-word title and a 60x80 thumbnail
-each). Fits the checkpoint's image towers as `fashionbert fit-image-tower` does (the locked text tower,
-8 towers, the train photos and their views), once on H&M's train split alone and once with `--extra`'s
-items added (the locked text tower embeds their titles; their photo stands in for each of its views, which
-are not cached), and measures both on H&M's validation split with `tower_negatives.py`'s draws: gallery
-R@1/R@10 and the sampled protocol ranked by the towers' cosine. The extra catalogue's features are read
-from the cache in slices and pooled at once (the towers read the mean of the grid), so memory stays
-at one slice's grids.
+The image towers overfit H&M's 8,908 train pairs (among 1,059 of them they put the partner first 93-95% of the
+time, among as many unseen items 54-56%): more pairs are the textbook cure, and Myntra has 39,639 (a six-word
+title and a 60x80 thumbnail each). Fits the checkpoint's image towers as `fashionbert fit-image-tower` does
+(the locked text tower, 8 towers, the train photos and their views), once on H&M's train split alone and once
+with `--extra`'s items added (the locked text tower embeds their titles; their photo stands in for each of its
+views, which are not cached), and measures both on H&M's validation split with `tower_negatives.py`'s draws:
+gallery R@1/R@10 and the sampled protocol ranked by the towers' cosine. The extra catalogue's features are
+read from the cache in slices and pooled at once (the towers read the mean of the grid), so memory stays at
+one slice's grids.
 """
 
 from __future__ import annotations

@@ -31,10 +31,13 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     args = parser.parse_args()
 
-    texts, images, measure = [], [], None
+    texts, images, measure, ids = [], [], None, None
     for path in args.models.split(","):
         inference = FashionBertInference.from_checkpoint(path, device="cpu")
         val, val_features = load_split(args.data, inference, "validation")
+        if ids is not None and [item.id for item in val.items] != ids:
+            raise SystemExit(f"{path} reads another validation split (other patch features?) than the first")
+        ids = [item.id for item in val.items]
         measure = measure or TowerMeasure(val, args.queries)
         texts.append(inference.encode_texts([item.text for item in val.items]))
         images.append(inference.encode_images(val_features))
