@@ -21,7 +21,6 @@ from rerank_fusion import load_split
 from tower_negatives import TowerMeasure
 
 from model.inference import FashionBertInference
-from model.metrics import rank_of_positive
 
 
 def main() -> None:
@@ -35,9 +34,10 @@ def main() -> None:
     for path in args.models.split(","):
         inference = FashionBertInference.from_checkpoint(path, device="cpu")
         val, val_features = load_split(args.data, inference, "validation")
-        if ids is not None and [item.id for item in val.items] != ids:
+        split_ids = [item.id for item in val.items]
+        if ids is not None and split_ids != ids:
             raise SystemExit(f"{path} reads another validation split (other patch features?) than the first")
-        ids = [item.id for item in val.items]
+        ids = split_ids
         measure = measure or TowerMeasure(val, args.queries)
         texts.append(inference.encode_texts([item.text for item in val.items]))
         images.append(inference.encode_images(val_features))
@@ -50,13 +50,9 @@ def main() -> None:
 
     print(f"ensemble of {len(texts)}: {measure(joined(images), joined(texts))}")
     # How alike are the runs' mistakes? Sampled queries whose partner is not first, per run.
-    queries, candidates = measure.sampled_queries, measure.candidates
     for direction, asked, searched in (("i2t", images, texts), ("t2i", texts, images)):
         missed = np.stack(
-            [
-                rank_of_positive(np.einsum("qe,qke->qk", a[queries], s[candidates]), measure.correct) > 1
-                for a, s in zip(asked, searched, strict=True)
-            ]
+            [measure.sampled_ranks(a, s) > 1 for a, s in zip(asked, searched, strict=True)]
         )  # (runs, Q)
         print(
             f"{direction} sampled misses: {missed.sum(1).tolist()} per run, {int(missed.all(0).sum())} missed "

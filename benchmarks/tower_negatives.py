@@ -50,12 +50,17 @@ class TowerMeasure:
             queries = self.gallery_queries
             ranks, *_ = _embedding_search(asked[queries], searched, codes[queries], codes, 10)
             gallery = recall_at_k(ranks, (1, 10))
-            cosine = np.einsum("qe,qke->qk", asked[self.sampled_queries], searched[self.candidates])
-            sampled = recall_at_k(rank_of_positive(cosine, self.correct), (1,))["R@1"]
+            sampled = recall_at_k(self.sampled_ranks(asked, searched), (1,))["R@1"]
             cells.append(
                 f"{direction} gallery R@1 {gallery['R@1']:.1f} R@10 {gallery['R@10']:.1f}, sampled R@1 {sampled:.1f}"
             )
         return "; ".join(cells)
+
+    def sampled_ranks(self, asked: np.ndarray, searched: np.ndarray) -> np.ndarray:
+        """(Q,) rank of each sampled query's partner among its candidates by the towers' cosine: `asked`
+        holds the split's query-side embeddings, `searched` the candidate side's."""
+        cosine = np.einsum("qe,qke->qk", asked[self.sampled_queries], searched[self.candidates])
+        return rank_of_positive(cosine, self.correct)
 
 
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
