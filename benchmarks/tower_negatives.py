@@ -2,14 +2,15 @@
 
     python benchmarks/tower_negatives.py --model runs/hm-views/listwise/best --data hm:../shared/data/hm
     python benchmarks/tower_negatives.py ... --seed 100 --views ''   # other seeds; the photos alone
+    python benchmarks/tower_negatives.py ... --settings 'weight_decay=0.5;steps=300'   # any other fit setting
 
-Fits the checkpoint's image towers twice with `fashionbert fit-image-tower`'s code (`fit_image_tower`: 8
-towers on the train photos and their views, against the locked text tower), once per
-`TowerFitConfig.text_negatives`, and measures each on the validation split with the 1,000 queries of
-`fashionbert eval`: full-gallery R@1 / R@10 with the embeddings, and the paper's sampled protocol (each
-query's partner among 100 negatives of its sub-category, the same draw as the eval's) ranked by the towers'
-cosine alone, the term that decides the served logit (benchmarks/RESULTS.md, "Why re-ranking adds nothing yet"). The
-cross-encoder is not run, so each setting takes the fit's minutes, not an evaluation's.
+Fits the checkpoint's image towers once per setting with `fashionbert fit-image-tower`'s code
+(`fit_image_tower`: 8 towers on the train photos and their views, against the locked text tower), by
+default once per `TowerFitConfig.text_negatives`, and measures each on the validation split with the
+1,000 queries of `fashionbert eval`: full-gallery R@1 / R@10 with the embeddings, and the paper's sampled
+protocol (each query's partner among 100 negatives of its sub-category, the same draw as the eval's) ranked
+by the towers' cosine alone, the term that decides the served logit (benchmarks/RESULTS.md, "Why re-ranking
+adds nothing yet"). The cross-encoder is not run, so each setting takes the fit's minutes, not an evaluation's.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 from rerank_fusion import load_split
@@ -123,10 +124,37 @@ class FitSplits:
         )
 
 
+def _typed(kind: type, value: str) -> object:
+    if kind is bool:  # bool("False") is True
+        if value.lower() not in ("true", "false"):
+            raise argparse.ArgumentTypeError(f"{value!r}: expected true or false")
+        return value.lower() == "true"
+    return kind(value)
+
+
+def fit_settings(text: str) -> list[dict[str, object]]:
+    """'steps=300,weight_decay=0.5;text_negatives=batch' -> one dict of `TowerFitConfig` fields per
+    setting, each value read as its field's type."""
+    types = {field.name: type(getattr(TowerFitConfig(), field.name)) for field in fields(TowerFitConfig)}
+    settings = []
+    for setting in text.split(";"):
+        pairs = [pair.split("=", 1) for pair in setting.split(",") if pair.strip()]
+        unknown = [name for name, *_ in pairs if name.strip() not in types]
+        if unknown or any(len(pair) != 2 for pair in pairs):
+            raise argparse.ArgumentTypeError(f"{setting!r}: expected field=value pairs of {sorted(types)}")
+        settings.append({name.strip(): _typed(types[name.strip()], value.strip()) for name, value in pairs})
+    return settings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_fit_arguments(parser)
-    parser.add_argument("--negatives", default="batch,split", help="text_negatives settings, in this order")
+    parser.add_argument(
+        "--settings",
+        type=fit_settings,
+        default="text_negatives=batch;text_negatives=split",
+        help="TowerFitConfig fields, field=value joined by ',' within a setting and ';' between settings",
+    )
     args = parser.parse_args()
 
     splits = FitSplits.load(args)
@@ -135,14 +163,13 @@ def main() -> None:
     val_texts = inference.encode_texts([item.text for item in splits.val.items])
 
     print(f"{len(train)} train items, {len(args.views)} views, {args.towers} towers from seed {args.seed}")
-    for negatives_setting in args.negatives.split(","):
-        config = TowerFitConfig(towers=args.towers, seed=args.seed, text_negatives=negatives_setting)
+    for setting in args.settings:
+        config = replace(TowerFitConfig(towers=args.towers, seed=args.seed), **setting)
         started = time.perf_counter()
         images = splits.refit(train_texts, config)
         seconds = time.perf_counter() - started
-        print(
-            f"{negatives_setting:>5} ({seconds:.0f} s fit): {splits.measure(images, val_texts)}", flush=True
-        )
+        label = ", ".join(f"{name}={value}" for name, value in setting.items())
+        print(f"{label} ({seconds:.0f} s fit): {splits.measure(images, val_texts)}", flush=True)
 
 
 if __name__ == "__main__":
