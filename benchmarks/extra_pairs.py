@@ -20,7 +20,7 @@ import argparse
 import time
 
 import numpy as np
-from tower_negatives import FitSplits, add_fit_arguments
+from tower_negatives import FitSplits, add_fit_arguments, pooled
 
 from app.cli import DEFAULT_CACHE
 from model.catalogue import Catalogue, load_catalogue
@@ -30,11 +30,6 @@ from model.patch_features import PatchFeatureConfig
 from model.tower_fit import TowerFitConfig
 
 _SLICE = 4096  # extra items whose patch grids are in memory at once
-
-
-def pooled(grids: np.ndarray) -> np.ndarray:
-    """(n, 1, D) float32: the grid's mean, the one vector an image tower reads, shaped as a grid of one."""
-    return grids.mean(1, dtype=np.float32, keepdims=True)
 
 
 def pooled_catalogue(catalogue: Catalogue, patch_config: PatchFeatureConfig) -> tuple[Catalogue, np.ndarray]:
@@ -66,7 +61,7 @@ def main() -> None:
     train_codes = text_codes(splits.train)
     # Codes of the joint set: an extra text identical to a train text is the same code.
     joint_codes = text_codes(Catalogue("joint", "", [*splits.train.items, *extra.items]))
-    photos, views = pooled(splits.train_features), [pooled(grids) for grids in splits.views]
+    photos, views = splits.train_features, splits.views
     settings = {
         "train split alone": (train_texts, photos, views, train_codes),
         f"with {len(extra)} {extra.name} pairs": (

@@ -77,10 +77,17 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queries", type=int, default=1000)
 
 
+def pooled(grids: np.ndarray) -> np.ndarray:
+    """(n, 1, D) float32: the grid's mean, the one vector an image tower reads, shaped as a grid of one."""
+    return grids.mean(1, dtype=np.float32, keepdims=True)
+
+
 @dataclass
 class FitSplits:
     """A checkpoint and its dev split as an image-tower fit reads them: the train photos' features and
-    their views' (what the fit learns from), the validation photos' and eval's draws (what is measured)."""
+    their views' (what the fit learns from), the validation photos' and eval's draws (what is measured).
+    The train side is held `pooled`: the towers read no more, and the four looks' full grids would hold
+    about 7 GB."""
 
     inference: FashionBertInference
     train: Catalogue
@@ -98,9 +105,18 @@ class FitSplits:
         (train, train_features), (val, val_features) = (
             load_split(args.data, inference, part) for part in ("train", "validation")
         )
-        views = [catalogue_features(train, DEFAULT_CACHE, patch_config, view=view)[1] for view in args.views]
+        views = [
+            pooled(catalogue_features(train, DEFAULT_CACHE, patch_config, view=view)[1])
+            for view in args.views
+        ]
         return cls(
-            inference, train, train_features, views, val, val_features, TowerMeasure(val, args.queries)
+            inference,
+            train,
+            pooled(train_features),
+            views,
+            val,
+            val_features,
+            TowerMeasure(val, args.queries),
         )
 
     def refit(
