@@ -46,9 +46,6 @@ ATTRIBUTES = (
     "garment_group_name",
 )
 
-# (candidate-side pair score matrix i2t, the same for t2i), each (n queried, n searched) over the split
-PairScores = tuple[np.ndarray, np.ndarray]
-
 
 def labels(split: Catalogue, attribute: str) -> list[str]:
     return [item.metadata.get(attribute, "") for item in split.items]
@@ -88,12 +85,11 @@ class SampledProtocol:
 
     def __init__(self, measure: TowerMeasure, images: np.ndarray, texts: np.ndarray, scale: float) -> None:
         self.measure, self.scale = measure, scale
-        q, cand = measure.sampled_queries, measure.candidates
         self.cosine = {
-            "i2t": np.einsum("qe,qke->qk", images[q], texts[cand]),
-            "t2i": np.einsum("qe,qke->qk", texts[q], images[cand]),
+            "i2t": measure.sampled_cosine(images, texts),
+            "t2i": measure.sampled_cosine(texts, images),
         }
-        self.halves = np.arange(len(q)) % 2
+        self.halves = np.arange(len(measure.sampled_queries)) % 2
 
     def r1(self, direction: str, extra: np.ndarray | None, weight: float, half: int | None = None) -> float:
         q, cand = self.measure.sampled_queries, self.measure.candidates

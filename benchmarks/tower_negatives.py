@@ -57,11 +57,14 @@ class TowerMeasure:
             )
         return "; ".join(cells)
 
-    def sampled_ranks(self, asked: np.ndarray, searched: np.ndarray) -> np.ndarray:
-        """(Q,) rank of each sampled query's partner among its candidates by the towers' cosine: `asked`
+    def sampled_cosine(self, asked: np.ndarray, searched: np.ndarray) -> np.ndarray:
+        """(Q, 101) the towers' cosine of each sampled query with its candidates, partner first: `asked`
         holds the split's query-side embeddings, `searched` the candidate side's."""
-        cosine = np.einsum("qe,qke->qk", asked[self.sampled_queries], searched[self.candidates])
-        return rank_of_positive(cosine, self.correct)
+        return np.einsum("qe,qke->qk", asked[self.sampled_queries], searched[self.candidates])
+
+    def sampled_ranks(self, asked: np.ndarray, searched: np.ndarray) -> np.ndarray:
+        """(Q,) rank of each sampled query's partner among its candidates by the towers' cosine."""
+        return rank_of_positive(self.sampled_cosine(asked, searched), self.correct)
 
 
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
