@@ -3,7 +3,7 @@
 Each step is skipped when what it makes is already there, so the second run starts serving at once:
 1. data: `--data`, else `../shared/data/hm` when that folder exists, else a generated catalogue
    (`model/synthetic.py`) written once into the state folder;
-2. model: `<state>/model/best`, trained for a few minutes (bf16 on CPU) when missing, then
+2. model: `<state>/model/best`, trained for a few minutes (bf16 where native) when missing, then
    `<state>/model/fitted`: its image tower refitted to the locked text tower as an ensemble
    (`fit-image-tower`, benchmarks/RESULTS.md "Image tower ensemble");
 3. index bundle: `<state>/bundles/<key>`, built when missing for this data, limit and model;

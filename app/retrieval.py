@@ -273,7 +273,11 @@ class SearchService:
 
     @property
     def model_info(self) -> dict[str, Any]:
-        return {"fingerprint": self.inference.fingerprint[:16], "device": self.device}
+        return {
+            "fingerprint": self.inference.fingerprint[:16],
+            "device": self.device,
+            "precision": self.inference.precision,
+        }
 
     def index_info(self, bundle: SearchBundle | None = None) -> dict[str, Any]:
         bundle = bundle if bundle is not None else self.bundle

@@ -69,6 +69,9 @@ class Timings(BaseModel):
 class ModelInfo(BaseModel):
     fingerprint: str = Field(description="prefix of the sha256 of the checkpoint's weights")
     device: str
+    precision: str = Field(
+        description="the model's arithmetic: bf16 where the device computes it natively, else fp32"
+    )
 
 
 class IndexInfo(BaseModel):

@@ -22,7 +22,8 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Hold the model's weights in bf16: half the memory, scores within ~0.05 of bf16 autocast over fp32
     # weights with the same top 10, re-ranking 1.0-1.08x as fast on a quiet CPU
-    # (benchmarks/rerank_speed.py). False: autocast over fp32 weights.
+    # (benchmarks/rerank_speed.py). False: autocast over fp32 weights. Either way only where the device
+    # computes bf16 natively (AMX, AVX-512 BF16, CUDA); elsewhere the model runs fp32 (model/precision.py).
     bf16_weights: bool = True
     # Re-rank through an int8 copy of the encoder layers (CPU only; GPUs keep bf16); see README figures.
     int8_matching: bool = False

@@ -1,5 +1,5 @@
-"""Re-rank speed: one query's cross-encoder pass over `--pairs` candidates, beside this machine's bf16
-matrix-multiply ceiling measured in the same run.
+"""Re-rank speed: one query's cross-encoder pass over `--pairs` candidates, beside this machine's
+matrix-multiply ceiling measured in the same run (in bf16 where native, else fp32: `model/precision.py`).
 
     python benchmarks/rerank_speed.py --model runs/hm/best --pairs 50 --repeats 7
 
@@ -11,6 +11,7 @@ one, from their tokens and patches), then the joint layers. For each: the median
 FLOPs it takes, the share of the ceiling reached, and the floor (ms at 100% of the ceiling). Three ways
 of running on CPU: bf16 autocast over fp32 weights, weights held in bf16 (`bf16_weights`), and the
 encoder layers in int8 (`int8_matching`), taking turns within each repeat so machine noise hits all alike.
+On a CPU without native bf16 the first two both run fp32.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from serve_load import bf16_matmul_tflops, flops_per_pair  # also puts the repo on sys.path
+from serve_load import ceiling_dtype, flops_per_pair, matmul_tflops  # also puts the repo on sys.path
 
 from model.inference import FashionBertInference
 from model.pair_states import PairStates
@@ -104,9 +105,10 @@ def main() -> None:
         "image query, description candidates": (patches[0], float(np.mean([len(t) for t in texts]))),
     }
 
-    ceiling = bf16_matmul_tflops()
+    ceiling = matmul_tflops()
     print(
-        f"bf16 matmul ceiling {ceiling:.3f} TFLOP/s; {args.pairs} pairs per query; median of {args.repeats}"
+        f"{ceiling_dtype()} matmul ceiling {ceiling:.3f} TFLOP/s; {args.pairs} pairs per query; "
+        f"median of {args.repeats}"
     )
     print(f"{'query':<40} {'variant':<13} {'ms':>7} {'GFLOP':>6} {'share':>6} {'floor ms':>8}")
     for name, (query, tokens) in shapes.items():

@@ -8,7 +8,8 @@ or photo, a hit is that item or one with identical text), for three ways of sear
   two-stage    recall `recall_k`, cross-encoder re-ranks the best `rerank_k` (the service's default)
   brute-force  the cross-encoder scores the whole catalogue (recall_k = rerank_k = catalogue size)
 
-and measures this machine's bf16 matrix-multiply throughput in the same run, to say what share of
+and measures this machine's matrix-multiply throughput in the same run (bf16 where the CPU or GPU
+computes it natively, else fp32: what the model runs in, `model/precision.py`), to say what share of
 it the re-ranker reaches. Every cell is bounded by a query count and a time limit.
 
     python benchmarks/serve_load.py --model runs/x/best --index bundles/hm --data hm:../shared/data/hm
@@ -211,13 +212,24 @@ async def run_cell(
 # -- compute ceiling ----------------------------------------------------------------------------------
 
 
-def bf16_matmul_tflops(size: int = 2048, seconds: float = 3.0) -> float:
-    """This machine's bf16 matrix-multiply throughput (torch, all its threads), as the re-ranker's ceiling."""
+def ceiling_dtype() -> str:
+    """The dtype the model's matrix work runs in on this machine: bf16 where native, else fp32."""
+    import torch
+
+    from model.precision import native_bf16
+
+    return "bf16" if native_bf16("cuda" if torch.cuda.is_available() else "cpu") else "fp32"
+
+
+def matmul_tflops(dtype: str | None = None, size: int = 2048, seconds: float = 3.0) -> float:
+    """This machine's matrix-multiply throughput (torch, all its threads) in `dtype` ("bf16", "fp32"; by
+    default `ceiling_dtype()`), as the re-ranker's ceiling."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    a = torch.randn(size, size, dtype=torch.bfloat16, device=device)
-    b = torch.randn(size, size, dtype=torch.bfloat16, device=device)
+    torch_dtype = torch.bfloat16 if (dtype or ceiling_dtype()) == "bf16" else torch.float32
+    a = torch.randn(size, size, dtype=torch_dtype, device=device)
+    b = torch.randn(size, size, dtype=torch_dtype, device=device)
     for _ in range(3):
         a @ b  # noqa: B018 - warm-up
     count, start = 0, time.perf_counter()
@@ -306,7 +318,8 @@ def report(cells: list[Cell], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def print_report(result: dict[str, Any]) -> None:
-    print(f"\nbf16 matmul ceiling: {result['bf16_matmul_tflops']:.3f} TFLOP/s ({result['device']})")
+    ceiling = f"{result['matmul_dtype']} matmul ceiling"
+    print(f"\n{ceiling}: {result['matmul_tflops']:.3f} TFLOP/s ({result['device']})")
     print(f"catalogue: {result['catalogue_size']} items, {result['queries']} validation queries\n")
     print("| search | mode | conc. | requests | QPS | p50 ms | p95 ms | p99 ms | R@10 |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -332,7 +345,7 @@ def print_report(result: dict[str, Any]) -> None:
     for name, r in result["rerank_efficiency"].items():
         print(
             f"re-rank compute ({name}): {r['pairs_per_s']:.0f} pairs/s while computing, "
-            f"~{r['tflops']:.3f} TFLOP/s = {100 * r['share_of_matmul']:.0f}% of the bf16 matmul ceiling"
+            f"~{r['tflops']:.3f} TFLOP/s = {100 * r['share_of_matmul']:.0f}% of the {ceiling}"
         )
 
 
@@ -395,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ready = service.wait_ready()
         size = ready["index"]["items"]
         queries = load_queries(args, base_url)
-        tflops = bf16_matmul_tflops()  # the server is idle now: the ceiling is measured on the same cores
+        tflops = matmul_tflops()  # the server is idle now: the ceiling is measured on the same cores
         print(f"server ready ({ready['model']['device']}), {size} items; {len(queries)} queries", flush=True)
 
         cells: list[Cell] = []
@@ -439,7 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = report(
         cells,
         {
-            "bf16_matmul_tflops": tflops,
+            "matmul_tflops": tflops,
+            "matmul_dtype": ceiling_dtype(),
             "device": ready["model"]["device"],
             "catalogue_size": size,
             "queries": len(queries),

@@ -1,5 +1,6 @@
 """Training throughput (pairs/s) of one FashionBERT step, bf16 autocast vs fp32, on this machine (its GPU
-if it has one; `--device cpu` for the CPU).
+if it has one; `--device cpu` for the CPU). Where the device has no native bf16 both run fp32
+(`model/precision.py`; `benchmarks/precision_speed.py` measures what emulated bf16 would cost).
 
     python benchmarks/train_speed.py --batch-size 32 --steps 3 --repeats 3
     python benchmarks/train_speed.py --precisions bf16 --mine-top-k 30 --negatives-per-item 3   # mined
@@ -22,6 +23,7 @@ import torch
 from model.catalogue import Catalogue, Item
 from model.config import TINY_BERT, FashionBertConfig
 from model.data import grouped_batches, prepare_data
+from model.precision import native_bf16
 from model.training import TrainConfig, Trainer, build_model
 
 TEXT = "Fitted midi skirt. Black Skirt. Fitted midi skirt in satin with a concealed zip and a slit at the back. Lined."
@@ -99,7 +101,9 @@ def main() -> None:
                 trainer.train_step(batches[(step + 1) % len(batches)])
             times.append((time.perf_counter() - start) / args.steps)
         results[precision] = statistics.median(times)
-    print(f"device: {trainer.device}")
+    print(f"device: {trainer.device}, native bf16: {native_bf16(trainer.device.type)}")
+    if not native_bf16(trainer.device.type):
+        print("(no native bf16 here, so the bf16 setting runs fp32: model/precision.py)")
     print(f"| precision | s/step (median of {args.repeats}) | pairs/s |")
     print("| --- | --- | --- |")
     for precision, seconds in results.items():

@@ -1,6 +1,6 @@
 """Numpy-in, numpy-out inference over a loaded FashionBERT: what `index/` and `app/` call.
 
-Owns the device, the bf16 autocast and tokenization, so callers never touch torch or the tokenizer.
+Owns the device, the precision (`model/precision.py`) and tokenization, so callers never touch torch or the tokenizer.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from model.fashionbert import FashionBert
 from model.files import sha256_file
 from model.pair_states import STATES_DTYPE, PairStates
 from model.patches import pool_grid
+from model.precision import bf16_autocast, uses_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +41,6 @@ def pick_device(name: str | torch.device = "auto") -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CPU (AMX) and GPU alike."""
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 class FashionBertInference:
     """A FashionBERT ready to answer queries: tokenize, embed, match."""
 
@@ -61,8 +57,9 @@ class FashionBertInference:
         self.device = pick_device(device) if isinstance(device, str) else device
         # Re-ranking through a copy whose encoder layers run int8 (CPU only), made before any bf16 cast.
         matcher = int8_encoder_copy(model) if int8_matching and self.device.type == "cpu" else None
-        # bf16 weights skip autocast's per-call cast of every fp32 weight (serving only: no training).
-        dtype = torch.bfloat16 if bf16_weights else torch.float32
+        # bf16 weights skip autocast's per-call cast of every fp32 weight (serving only: no training);
+        # where the device has no native bf16 everything stays fp32.
+        dtype = torch.bfloat16 if uses_bf16(self.device, bf16_weights) else torch.float32
         self.model = model.to(self.device, dtype).eval()
         self.matcher = matcher.eval() if matcher is not None else self.model
         self.tokenizer = tokenizer
@@ -90,6 +87,11 @@ class FashionBertInference:
     def tower_logit_scale(self) -> float:
         """The towers' contrastive inverse temperature, as training clamps it: querybank normalisation's beta."""
         return float(self.model.logit_scale.detach().exp().clamp(max=100))
+
+    @property
+    def precision(self) -> str:
+        """What the encoder's matrix work runs in here: "bf16" where the device computes it natively."""
+        return "bf16" if uses_bf16(self.device) else "fp32"
 
     @property
     def int8_matching(self) -> bool:
@@ -126,7 +128,7 @@ class FashionBertInference:
         out = []
         for chunk in _chunks(token_ids, batch_size):
             ids, mask = self.pad(chunk)
-            with autocast(self.device):
+            with bf16_autocast(self.device):
                 out.append(self.model.encode_text(ids, mask).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.config.embed_dim), np.float32)
 
@@ -136,7 +138,7 @@ class FashionBertInference:
         out = []
         for start in range(0, len(patch_features), batch_size):
             patches = self._patches(patch_features[start : start + batch_size])
-            with autocast(self.device):
+            with bf16_autocast(self.device):
                 out.append(self.model.encode_image(patches).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.config.embed_dim), np.float32)
 
@@ -160,7 +162,7 @@ class FashionBertInference:
             patches = self._patches(patch_features[start : start + batch_size])
             if tower_similarity is None:
                 texts = torch.from_numpy(self.cached_text_embeddings(chunk)).to(self.device)
-                with autocast(self.device):
+                with bf16_autocast(self.device):
                     images = self.model.encode_image(patches)
                 similarity = (texts * images).sum(-1)  # (n,) the towers' cosine
             else:
@@ -198,7 +200,7 @@ class FashionBertInference:
         embeddings = np.zeros((len(token_ids), self.config.embed_dim), np.float32)
         for start in range(0, len(token_ids), batch_size):
             ids, chunk_mask = self.pad(token_ids[start : start + batch_size])
-            with autocast(self.device):
+            with bf16_autocast(self.device):
                 embedding, chunk = self.model.encode_text_and_states(ids, chunk_mask)
             embeddings[start : start + len(ids)] = embedding.float().cpu().numpy()
             states[start : start + len(ids), : chunk.shape[1]] = chunk.float().cpu().numpy()
@@ -245,7 +247,7 @@ class FashionBertInference:
 
     def _matcher_context(self) -> contextlib.AbstractContextManager:
         """The int8 copy takes fp32 activations (its kernels quantize them); autocast would hand it bf16."""
-        return autocast(self.device) if not self.int8_matching else contextlib.nullcontext()
+        return bf16_autocast(self.device) if not self.int8_matching else contextlib.nullcontext()
 
     def cached_text_embeddings(self, token_ids: Sequence[Sequence[int]]) -> np.ndarray:
         """(n, E) text-tower embeddings, each distinct text encoded once and kept (least recently used
@@ -290,7 +292,7 @@ def int8_encoder_copy(model: FashionBert) -> FashionBert | None:
             )
             return quantized
     except (ImportError, AttributeError, RuntimeError) as error:
-        logger.warning("int8 matching unavailable (%s): re-ranking runs in bf16", error)
+        logger.warning("int8 matching unavailable (%s): re-ranking runs unquantized", error)
         return None
 
 

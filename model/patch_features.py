@@ -25,6 +25,7 @@ from torch import nn
 from model.colour import COLOUR_DIM, colour_histograms
 from model.files import sha256_file
 from model.patches import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, letterbox, normalize
+from model.precision import bf16_autocast
 
 # Bump when preprocessing or pooling changes the features a config produces, so caches keyed by
 # `PatchFeatureExtractor.fingerprint()` stop serving the old ones.
@@ -268,13 +269,13 @@ class PatchFeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def extract(self, images: Sequence[Image.Image], autocast: bool = True) -> np.ndarray:
-        """PIL images -> (B, N, D) float32 patch features; bfloat16 autocast unless `autocast=False`."""
+        """PIL images -> (B, N, D) float32 patch features; bf16 autocast where native, unless `autocast=False`."""
         return self.extract_pixels(np.stack([self.preprocess(image) for image in images]), autocast=autocast)
 
     @torch.no_grad()
     def extract_pixels(self, pixels: np.ndarray, autocast: bool = True) -> np.ndarray:
         """Letterboxed uint8 (B, S, S, 3) -> (B, N, D) float32 patch features."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+        with bf16_autocast(self.device, autocast):
             features = self(self.normalize(pixels)).float().cpu().numpy()
         if self.config.colour:
             features = np.concatenate([features, colour_histograms(pixels, self.config.grid)], axis=-1)

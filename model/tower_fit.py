@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.fashionbert import FashionBert
+from model.precision import bf16_autocast
 from model.training import warmup_cosine
 
 
@@ -35,7 +36,7 @@ class TowerFitConfig:
     weight_decay: float = 0.05
     warmup_steps: int = 20
     seed: int = 0
-    bf16: bool = True
+    bf16: bool = True  # where the device computes bf16 natively (model/precision.py)
     towers: int = 1  # an ensemble: each fitted apart from its own seed, their embeddings averaged
     # "split": each image is ranked against every text of the split, whose locked embeddings are all at
     # hand, so each step meets the split's hardest false texts; "batch": against the batch's only (the
@@ -144,7 +145,7 @@ class TextTowerFitConfig:
     # rows fresh); 0: an image is ranked against the batch's texts only.
     refresh_every: int = 200
     seed: int = 0
-    bf16: bool = True
+    bf16: bool = True  # where the device computes bf16 natively (model/precision.py)
 
 
 def fit_text_tower(
@@ -178,7 +179,7 @@ def fit_text_tower(
     image_embeddings = image_embeddings.float().to(device)
     codes = torch.from_numpy(np.asarray(text_codes)).to(device)
     scale = model.logit_scale.detach().exp().clamp(max=100)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
+    autocast = bf16_autocast(device, config.bf16)
 
     def encode(batch: torch.Tensor) -> torch.Tensor:  # (B,) item indices -> (B, E), trimmed to their length
         length = int(attention_mask[batch].sum(1).max())
@@ -264,7 +265,7 @@ def fit_tower(
         for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
             group["lr"] = base_lr * factor
         batch = torch.randperm(len(texts), generator=generator)[: config.batch_size].to(texts.device)
-        with torch.autocast(texts.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+        with bf16_autocast(texts.device, config.bf16):
             embedded = embed(batch)  # (B, E), normalised
         if config.text_negatives == "split":
             loss = info_nce_against_every_text(texts, embedded.float(), batch, codes, scale)

@@ -46,6 +46,7 @@ from model.losses import (
 )
 from model.masking import mask_patches, mask_tokens
 from model.patch_features import PatchFeatureConfig
+from model.precision import bf16_autocast, uses_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class TrainConfig:
     validation_negatives: int = 10
     log_every: int = 10
     device: str = "auto"
-    bf16: bool = True
+    bf16: bool = True  # bf16 autocast where the device computes bf16 natively (model/precision.py)
 
     def __post_init__(self) -> None:
         if self.listwise and not self.mine_top_k:
@@ -304,7 +305,7 @@ class Trainer:
         else:
             items, num_texts = indices, b
         ids, mask, patches = self._batch(items, data)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+        with bf16_autocast(device, config.bf16):
             text_embeddings = model.encode_text(ids[:num_texts].to(device), mask[:num_texts].to(device))
             image_embeddings = model.encode_image(patches.to(device))  # (len(items), E)
         if not config.mine_top_k:
@@ -363,7 +364,7 @@ class Trainer:
         tower_similarity = (text_embeddings[text_rows] * image_embeddings[image_rows]).sum(-1)
         if config.detach_tower_term:
             tower_similarity = tower_similarity.detach()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+        with bf16_autocast(device, config.bf16):
             outputs = self.pretraining(
                 masked_ids.to(device),
                 pair_mask.to(device),
@@ -509,6 +510,7 @@ class Trainer:
                 "train_config": asdict(self.config),
                 "final_metrics": metrics,
                 "pairs_per_s": record.get("pairs_per_s"),
+                "precision": "bf16" if uses_bf16(self.device, self.config.bf16) else "fp32",
             }
             save_checkpoint(self.model, self.tokenizer, self.out / "best", summary)
         self.save_state()

@@ -38,6 +38,15 @@ def hm_slice(shared_data: Path, feature_cache_dir: Path):
     return catalogue_features(catalogue, feature_cache_dir, PatchFeatureConfig(colour=True))
 
 
+@pytest.fixture
+def native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 as on a CPU with AMX or AVX-512 BF16, whatever this one has: for tests of bf16's numerics,
+    which an AVX2-only CPU would otherwise run in fp32 (`model/precision.py`)."""
+    from model import precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device_type: True)
+
+
 def _save_tiny_checkpoint(out: Path, fusion_layer: int = 0) -> Path:
     import torch
     from transformers import AutoTokenizer

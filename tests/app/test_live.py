@@ -25,6 +25,7 @@ from PIL import Image
 
 from app.main import create_app
 from app.settings import Settings
+from model.precision import native_bf16
 from tests.app.conftest import ready_client
 
 REPO = Path(__file__).resolve().parents[2]
@@ -96,7 +97,11 @@ def test_ready_and_described(live: Any, catalogue: Any) -> None:
     ready = client.get("/readyz").json()
     assert ready["status"] == "ready" and ready["index"]["items"] == len(catalogue)
     assert ready["model"]["device"] == "cpu"
-    assert "fashionbert_ready 1.0" in client.get("/metrics").text
+    # what this CPU computes natively (an AVX2-only one runs fp32), said where operators look
+    precision = "bf16" if native_bf16("cpu") else "fp32"
+    assert ready["model"]["precision"] == precision
+    metrics = client.get("/metrics").text
+    assert "fashionbert_ready 1.0" in metrics and f'precision="{precision}"' in metrics
 
 
 def test_text_search_scores_match_the_model(

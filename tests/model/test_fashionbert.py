@@ -21,6 +21,7 @@ from model.config import DEFAULT_TEXT_MODEL, TINY_BERT, FashionBertConfig, resol
 from model.fashionbert import FashionBert, FashionBertForPretraining, StackedMLP, pool_patches
 from model.inference import FashionBertInference
 from model.patches import pool_grid
+from model.precision import bf16_autocast
 from model.training import grow_colour_path
 
 
@@ -288,10 +289,10 @@ def test_inference_match_reuses_cached_text_embeddings(tiny: FashionBert, tokeni
     token_ids = inference.tokenize(["black satin midi skirt", "red wool coat", "black satin midi skirt"])
     patches = torch.randn(3, 16, 32)
     ids, mask = inference.pad(token_ids)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), bf16_autocast(inference.device):
         direct = tiny.match(ids, mask, patches).float().numpy()
     first = inference.match(token_ids, patches.numpy())
-    assert np.allclose(first, direct, atol=0.05)  # bf16: texts batched differently
+    assert np.allclose(first, direct, atol=0.05)  # bf16 where native: texts batched differently
     assert len(inference._text_cache) == 2  # two distinct texts, each encoded once
 
     calls = []
@@ -303,7 +304,7 @@ def test_inference_match_reuses_cached_text_embeddings(tiny: FashionBert, tokeni
     assert calls == [1] and len(inference._text_cache) == 2  # least recently used text dropped
 
 
-def test_bf16_weights_score_like_autocast(tiny_checkpoint) -> None:
+def test_bf16_weights_score_like_autocast(tiny_checkpoint, native_bf16) -> None:
     """Serving holds bf16 weights: the same towers and scores as autocast over fp32, to bf16 precision."""
     autocast = FashionBertInference.from_checkpoint(tiny_checkpoint, device="cpu")
     bf16 = FashionBertInference.from_checkpoint(tiny_checkpoint, device="cpu", bf16_weights=True)
@@ -341,7 +342,8 @@ def test_int8_matching_scores_like_fp32_and_leaves_the_towers_alone(tiny_checkpo
         tiny_checkpoint, device="cpu", bf16_weights=True, int8_matching=True
     )
     assert int8.int8_matching and not reference.int8_matching
-    assert next(int8.model.parameters()).dtype == torch.bfloat16  # towers: the bf16 model
+    towers_dtype = torch.bfloat16 if int8.precision == "bf16" else torch.float32  # bf16 where native
+    assert next(int8.model.parameters()).dtype == towers_dtype  # towers: the model as served
     layer = int8.matcher.bert.encoder.layer[0].attention.self.query
     assert "quantized" in type(layer).__module__
     assert "quantized" in type(int8.matcher.patch_embeddings.projection).__module__

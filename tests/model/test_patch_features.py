@@ -173,7 +173,7 @@ def test_whole_image_features_differ_between_photos(
 
 
 def test_bfloat16_autocast_stays_close_to_float32(
-    extractor: PatchFeatureExtractor, photos: list[Image.Image]
+    extractor: PatchFeatureExtractor, photos: list[Image.Image], native_bf16: None
 ) -> None:
     exact = torch.from_numpy(extractor.extract(photos, autocast=False))
     fast = torch.from_numpy(extractor.extract(photos, autocast=True))

@@ -1,0 +1,37 @@
+"""bf16 where the hardware computes it, fp32 elsewhere: one rule for training, feature passes and serving.
+
+bf16 autocast pays only on a matrix unit that takes bf16: a CUDA GPU that supports it, a CPU with AMX or
+AVX-512 BF16. On an x86 CPU with AVX2 alone (an AMD EPYC before Zen 4, many cloud VMs) oneDNN emulates
+bf16 matmuls, about 50x slower than fp32 (`benchmarks/precision_speed.py`), so there every "bf16" switch
+of this project runs fp32 instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+
+@functools.cache
+def native_bf16(device_type: str) -> bool:
+    """Whether `device_type` ("cpu", "cuda") does bf16 matrix work natively, i.e. faster than fp32."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        # torch's own probes of the CPU's instruction sets (the ones its oneDNN kernels dispatch on);
+        # private, so a torch without them reads as "no" (fp32: slower on AMX, never wrong).
+        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    return False
+
+
+def uses_bf16(device: torch.device, wanted: bool = True) -> bool:
+    """bf16 is `wanted` (a config's switch) and `device` computes it natively."""
+    return wanted and native_bf16(device.type)
+
+
+def bf16_autocast(device: torch.device, wanted: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on `device` where `uses_bf16`; otherwise the ops run in fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, wanted))
