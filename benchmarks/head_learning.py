@@ -36,8 +36,10 @@ from model.checkpoint import save_checkpoint
 from model.evaluation import text_codes
 from model.inference import FashionBertInference
 from model.losses import contrastive_loss
+from model.precision import bf16_autocast
 from model.training import mine_neighbours, warmup_cosine
 
+CPU = torch.device("cpu")
 WEIGHTS = (0.0, 2.5, 5.0, 10.0, 20.0, 40.0)
 
 
@@ -83,7 +85,7 @@ class HeadLearning:
         """The head of the joint pass alone: (P,) logits of the pairs (token_ids[i], patches[i])."""
         model = self.model
         ids, mask = self.inference.pad(token_ids)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with bf16_autocast(CPU):
             pooled = model.pool_patches(torch.from_numpy(np.asarray(patches, np.float32)))
             return model.alignment_head_logits(model.joint_hidden(ids, mask, pooled), mask).float()
 
@@ -215,7 +217,7 @@ class HeadLearning:
         model, tokens, patches = self.model, self.train_tokens, self.train_patches
         towers = rng.choice(self.items, min(32, len(self.items)), replace=False)
         ids, mask = self.inference.pad([tokens[i] for i in towers])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with bf16_autocast(CPU):
             text_embeddings = model.encode_text(ids, mask)
             image_embeddings = model.encode_image(torch.from_numpy(patches[towers].astype(np.float32)))
         return contrastive_loss(text_embeddings, image_embeddings, model.logit_scale.exp().clamp(max=100))

@@ -45,8 +45,11 @@ from model.fashionbert import FashionBert, colour_path, mlp
 from model.inference import FashionBertInference
 from model.metrics import recall_at_k
 from model.patch_features import PatchFeatureConfig
+from model.precision import bf16_autocast
 from model.tower_fit import TowerFitConfig, fit_tower
 from model.training import build_model
+
+CPU = torch.device("cpu")
 
 
 def fresh_tower_mlp(model: FashionBert, extra_inputs: int = 0) -> nn.Sequential:
@@ -144,7 +147,7 @@ def fit(
 @torch.no_grad()
 def embed(tower: nn.Module, patches: np.ndarray) -> np.ndarray:
     tower.eval()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with bf16_autocast(CPU):
         rows = [
             tower(torch.from_numpy(patches[i : i + 256].astype(np.float32))).float()
             for i in range(0, len(patches), 256)

@@ -24,6 +24,9 @@ from torch import nn
 
 from model.fashionbert import FashionBert, StackedMLP, mlp
 from model.inference import FashionBertInference
+from model.precision import bf16_autocast
+
+CPU = torch.device("cpu")
 
 
 def member_layers(stacked: StackedMLP, k: int) -> nn.Sequential:
@@ -86,7 +89,7 @@ def main() -> None:
                 (batch, model.config.num_patches, model.config.patch_feature_dim), np.float32
             )
         )
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.inference_mode(), bf16_autocast(CPU):
             difference = (model.encode_image(patches) - baseline(patches)).abs().max().item()
             repeats = max(3, 400 // batch)
             times: dict[str, list[float]] = {"stacked": [], "one at a time": []}

@@ -36,7 +36,10 @@ from model.evaluation import draw_queries, text_codes
 from model.fashionbert import colour_path
 from model.inference import FashionBertInference
 from model.patch_features import PatchFeatureConfig, PatchFeatureExtractor, get_backbone
+from model.precision import bf16_autocast
 from model.tower_fit import TowerFitConfig, fit_tower
+
+CPU = torch.device("cpu")
 
 
 class TunedTower(nn.Module):
@@ -85,7 +88,7 @@ def trunk_maps(catalogue: Catalogue, extractor: PatchFeatureExtractor, first_blo
     for start in range(0, len(catalogue.items), 32):
         items = catalogue.items[start : start + 32]
         pixels = np.stack([extractor.preprocess(catalogue.open_image(item)) for item in items])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with bf16_autocast(CPU):
             x = extractor.normalize(pixels)
             x = net._swish(net._bn0(net._conv_stem(x)))
             for block in net._blocks[:first_block]:
@@ -168,7 +171,7 @@ def main() -> None:
     @torch.no_grad()
     def val_embeddings(tower: TunedTower) -> np.ndarray:
         pooled = pooled_all(tower, val_maps)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with bf16_autocast(CPU):
             return tower.embed(pooled, val_colour).float().numpy()
 
     def gallery(images: np.ndarray) -> str:
@@ -245,7 +248,7 @@ def fit(
 def pooled_all(tower: TunedTower, maps: torch.Tensor) -> torch.Tensor:
     """(n, D) pooled features of (n, C, h, w) trunk maps through the tower's network top."""
     tower.eval()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with bf16_autocast(CPU):
         return torch.cat([tower.pooled(maps[i : i + 256].float()).float() for i in range(0, len(maps), 256)])
 
 

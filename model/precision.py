@@ -17,8 +17,8 @@ import torch
 @functools.cache
 def native_bf16(device_type: str) -> bool:
     """Whether `device_type` ("cpu", "cuda") does bf16 matrix work natively, i.e. faster than fp32."""
-    if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == "cuda":  # Ampere and newer; an older GPU only emulates it
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device_type == "cpu":
         # torch's own probes of the CPU's instruction sets (the ones its oneDNN kernels dispatch on);
         # private, so a torch without them reads as "no" (fp32: slower on AMX, never wrong).

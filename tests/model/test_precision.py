@@ -48,6 +48,17 @@ def test_autocast_runs_bf16_only_where_native_and_wanted(monkeypatch: pytest.Mon
             assert uses_bf16(CPU, wanted) == (native and wanted)
 
 
+def test_a_gpu_that_only_emulates_bf16_is_not_native(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pre-Ampere GPU: torch says it "supports" bf16 counting emulation, which is slower than fp32."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    native_bf16.cache_clear()
+    try:
+        assert not native_bf16("cuda")
+    finally:
+        native_bf16.cache_clear()
+
+
 def test_an_unknown_device_type_is_not_native() -> None:
     assert not native_bf16("mps") and not native_bf16("xla")
 
