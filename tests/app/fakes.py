@@ -27,6 +27,7 @@ def _word_id(word: str) -> int:
 
 class FakeInference:
     fingerprint = "fake-model-fingerprint-0123456789"
+    precision = "fp32"  # numpy float32 throughout
 
     def __init__(self) -> None:
         self.match_calls: list[int] = []  # pairs per call, to check micro-batching
