@@ -3,12 +3,12 @@ the evidence behind `model/precision.py`.
 
     python benchmarks/precision_speed.py --repeats 5
 
-Three workloads, each in fp32 and under bf16 autocast, the two taking turns within each repeat so machine
+Four workloads, each in fp32 and under bf16 autocast, the two taking turns within each repeat so machine
 noise hits both alike: a square matrix multiply; the patch network (EfficientNet-Lite0, the real weights)
-over `--photos` letterboxed photos, as `fashionbert features` runs it; and one query's re-rank pass, the
+over `--photos` letterboxed photos, as `fashionbert features` runs it; one query's re-rank pass, the
 cross-encoder over `--pairs` (text, image) pairs with a MiniLM-shaped encoder (random weights: only the
-arithmetic is timed). Prints what the CPU offers, what the rule picks, the median seconds of each and the
-bf16 speed-up (below 1: a slow-down).
+arithmetic is timed); and that pass forward and backward, as a training step computes it. Prints what the
+CPU offers, what the rule picks, the median seconds of each and the bf16 speed-up (below 1: a slow-down).
 """
 
 from __future__ import annotations
@@ -70,10 +70,16 @@ def workloads(device: torch.device, size: int, photos: int, pairs: int) -> dict[
         model.match(ids, mask, patches).float()
         sync()
 
+    def train_step() -> None:  # the arithmetic of a training step: the same pass, forward and backward
+        model.zero_grad(set_to_none=True)
+        model.match(ids, mask, patches).float().sum().backward()
+        sync()
+
     return {
         f"matmul {size}x{size}": matmul,
         f"patch network, {photos} photos": patch_network,
         f"re-rank, {pairs} pairs": rerank,
+        f"forward + backward, {pairs} pairs": train_step,
     }
 
 
