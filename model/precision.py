@@ -2,8 +2,8 @@
 
 bf16 autocast pays only on a matrix unit that takes bf16: a CUDA GPU that supports it, a CPU with AMX or
 AVX-512 BF16. On an x86 CPU with AVX2 alone (an AMD EPYC before Zen 4, many cloud VMs) oneDNN emulates
-bf16 matmuls, about 50x slower than fp32 (`benchmarks/precision_speed.py`), so there every "bf16" switch
-of this project runs fp32 instead.
+it: a matmul about 140x slower than fp32, whole passes 7-26x (`benchmarks/precision_speed.py`), so there
+every "bf16" switch of this project runs fp32 instead.
 """
 
 from __future__ import annotations
