@@ -26,13 +26,7 @@ from model.config import DEFAULT_TEXT_MODEL, FashionBertConfig, resolve_text_mod
 from model.fashionbert import FashionBert
 from model.inference import pick_device
 from model.patch_features import PatchFeatureConfig, PatchFeatureExtractor
-from model.precision import native_bf16
-
-
-def cpu_probes() -> dict[str, bool]:
-    """torch's probes of the CPU's instruction sets (private API; absent ones read False)."""
-    names = ("avx2", "avx512", "avx512_bf16", "amx_tile", "vnni")
-    return {name: getattr(torch.cpu, f"_is_{name}_supported", lambda: False)() for name in names}
+from model.precision import cpu_has, precision_name
 
 
 def workloads(device: torch.device, size: int, photos: int, pairs: int) -> dict[str, Callable[[], None]]:
@@ -104,12 +98,9 @@ def main() -> None:
     device = pick_device(args.device)
     print(f"device: {device}; torch CPU capability: {torch.backends.cpu.get_cpu_capability()}")
     if device.type == "cpu":
-        print(
-            "instruction sets: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in cpu_probes().items())
-        )
-    print(
-        f"native bf16: {native_bf16(device.type)} -> the project runs {'bf16' if native_bf16(device.type) else 'fp32'}"
-    )
+        sets = ("avx2", "avx512", "avx512_bf16", "amx_tile", "vnni")
+        print("instruction sets: " + ", ".join(f"{name} {'yes' if cpu_has(name) else 'no'}" for name in sets))
+    print(f"the project runs {precision_name(device)} here (bf16 only where native: model/precision.py)")
     print(f"\n| workload | fp32 s (median of {args.repeats}) | bf16 autocast s | bf16 speed-up |")
     print("| --- | --- | --- | --- |")
     for name, call in workloads(device, args.size, args.photos, args.pairs).items():

@@ -214,22 +214,21 @@ async def run_cell(
 
 def ceiling_dtype() -> str:
     """The dtype the model's matrix work runs in on this machine: bf16 where native, else fp32."""
-    import torch
+    from model.inference import pick_device
+    from model.precision import precision_name
 
-    from model.precision import native_bf16
-
-    return "bf16" if native_bf16("cuda" if torch.cuda.is_available() else "cpu") else "fp32"
+    return precision_name(pick_device("auto"))
 
 
-def matmul_tflops(dtype: str | None = None, size: int = 2048, seconds: float = 3.0) -> float:
-    """This machine's matrix-multiply throughput (torch, all its threads) in `dtype` ("bf16", "fp32"; by
-    default `ceiling_dtype()`), as the re-ranker's ceiling."""
+def matmul_tflops(size: int = 2048, seconds: float = 3.0) -> float:
+    """This machine's matrix-multiply throughput (torch, all its threads) in `ceiling_dtype()`, as the
+    re-ranker's ceiling."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_dtype = torch.bfloat16 if (dtype or ceiling_dtype()) == "bf16" else torch.float32
-    a = torch.randn(size, size, dtype=torch_dtype, device=device)
-    b = torch.randn(size, size, dtype=torch_dtype, device=device)
+    dtype = torch.bfloat16 if ceiling_dtype() == "bf16" else torch.float32
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
     for _ in range(3):
         a @ b  # noqa: B018 - warm-up
     count, start = 0, time.perf_counter()

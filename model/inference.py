@@ -22,7 +22,7 @@ from model.fashionbert import FashionBert
 from model.files import sha256_file
 from model.pair_states import STATES_DTYPE, PairStates
 from model.patches import pool_grid
-from model.precision import bf16_autocast, uses_bf16
+from model.precision import bf16_autocast, precision_name, uses_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class FashionBertInference:
     @property
     def precision(self) -> str:
         """What the encoder's matrix work runs in here: "bf16" where the device computes it natively."""
-        return "bf16" if uses_bf16(self.device) else "fp32"
+        return precision_name(self.device)
 
     @property
     def int8_matching(self) -> bool:

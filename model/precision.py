@@ -14,22 +14,30 @@ import functools
 import torch
 
 
+def cpu_has(instruction_set: str) -> bool:
+    """torch's own probe of the CPU for `instruction_set` ("amx_tile", "avx512_bf16", ...: the ones its oneDNN
+    kernels dispatch on); private, so a torch without it reads as "no" (fp32: slower on AMX, never wrong)."""
+    return getattr(torch.cpu, f"_is_{instruction_set}_supported", lambda: False)()
+
+
 @functools.cache
 def native_bf16(device_type: str) -> bool:
     """Whether `device_type` ("cpu", "cuda") does bf16 matrix work natively, i.e. faster than fp32."""
     if device_type == "cuda":  # Ampere and newer; an older GPU only emulates it
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device_type == "cpu":
-        # torch's own probes of the CPU's instruction sets (the ones its oneDNN kernels dispatch on);
-        # private, so a torch without them reads as "no" (fp32: slower on AMX, never wrong).
-        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-        return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+        return cpu_has("amx_tile") or cpu_has("avx512_bf16")
     return False
 
 
 def uses_bf16(device: torch.device, wanted: bool = True) -> bool:
     """bf16 is `wanted` (a config's switch) and `device` computes it natively."""
     return wanted and native_bf16(device.type)
+
+
+def precision_name(device: torch.device, wanted: bool = True) -> str:
+    """What `device`'s matrix work runs in, "bf16" or "fp32", as summaries, benchmarks and the API say it."""
+    return "bf16" if uses_bf16(device, wanted) else "fp32"
 
 
 def bf16_autocast(device: torch.device, wanted: bool = True) -> contextlib.AbstractContextManager:

@@ -46,7 +46,7 @@ from model.losses import (
 )
 from model.masking import mask_patches, mask_tokens
 from model.patch_features import PatchFeatureConfig
-from model.precision import bf16_autocast, uses_bf16
+from model.precision import bf16_autocast, precision_name
 
 logger = logging.getLogger(__name__)
 
@@ -510,7 +510,7 @@ class Trainer:
                 "train_config": asdict(self.config),
                 "final_metrics": metrics,
                 "pairs_per_s": record.get("pairs_per_s"),
-                "precision": "bf16" if uses_bf16(self.device, self.config.bf16) else "fp32",
+                "precision": precision_name(self.device, self.config.bf16),
             }
             save_checkpoint(self.model, self.tokenizer, self.out / "best", summary)
         self.save_state()
